@@ -1,0 +1,3 @@
+"""MultiMed Serve: multimodal, multitask medical AI served over gRPC."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Packaged data files and wire-format readers and writers (EDF, FASTA)."""

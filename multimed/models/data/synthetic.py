@@ -1,0 +1,542 @@
+"""The synthetic cohort: seeded patients whose ten modalities are rendered, in decoded form, from
+one latent state, with labels for all eleven tasks.
+
+Planted signal (see each renderer): X-ray, CT and MRI each show the disease pattern only with
+probability P_SHOW, so fusing them beats any one; the VQA answer needs the question (its type)
+and the image (the lesion); expression depends on DNA motifs and on the cell type seen in scRNA;
+protein structure is drawn first and the sequence from it. Cell-type expression comes from the
+real PBMC data bundled with scanpy (pbmc68k_reduced), read with anndata.
+
+Image layout (64x64, shared by X-ray, CT and MRI so one map serves all): rows 0-13 bone-age bars
+(X-ray), rows 14-47 disease pattern (centre columns) and VQA ring (left or right third), rows
+48-63 radiographic-finding marks (X-ray). MRI keeps disease (slices 0-7) and tumour (8-15) apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from multimed.models.catalog import (
+    CATALOG,
+    CELL_TYPES,
+    EXPRESSION_PANEL,
+    IMAGING,
+    PBMC_GENES,
+    VQA_ANSWERS,
+    OutputKind,
+)
+
+SIDE, DEPTH = 64, 16  # image side, volume slices
+EEG_CHANNELS = (
+    "Fz", "FC3", "FC1", "FCz", "FC2", "FC4", "C5", "C3", "C1", "Cz", "C2",
+    "C4", "C6", "CP3", "CP1", "CPz", "CP2", "CP4", "P1", "Pz", "P2", "POz",
+)  # fmt: skip
+EEG_RATE_HZ, EEG_SAMPLES = 256.0, 1024  # 4 s
+DNA_LENGTH = 200
+# One 6-mer per EXPRESSION_PANEL gene (real TF-site-like words: TATA, E-box, SP1, AP-1, GATA...).
+MOTIFS = ("TATAAA", "CACGTG", "GGGCGG", "TGACTC", "GATAAG", "CCAATC", "AGGTCA", "TTGCGC")
+P_SHOW = 0.6  # an imaging modality shows the true disease pattern, else a random class's
+P_SYMPTOM = 0.5  # the note names the true disease's symptom, else a random class's
+P_FINDING = 0.25
+VQA_MODALITIES = ("xray", "ct", "mri", "pathology")
+
+_LABELS = {tid: spec.labels for tid, spec in CATALOG.tasks.items()}
+DISEASES = _LABELS["disease_classification"]
+TUMOURS = _LABELS["brain_tumor_classification"]
+FINDINGS = _LABELS["radiographic_findings_classification"]
+AGE_BANDS = _LABELS["bone_age_classification"]
+DR_GRADES = _LABELS["diabetic_retinopathy_classification"]
+MOTOR = _LABELS["motor_imagery_classification"]
+STRUCTURE = _LABELS["protein_structure_prediction"]  # ("H", "E", "C")
+assert len(MOTIFS) == len(EXPRESSION_PANEL)
+
+_SYMPTOMS = {  # keyed by catalog name, so a renamed label fails here rather than silently
+    "normal": ("a routine check-up with no acute complaints", "a pre-operative assessment"),
+    "infection": ("fever and productive cough", "chills, malaise and purulent sputum"),
+    "neoplasm": ("unintentional weight loss and night sweats", "a slowly enlarging painless mass"),
+    "vascular": ("sudden chest pain and dyspnoea", "acute unilateral leg swelling"),
+}
+_QUESTIONS = (  # VQA question types: presence, side, size
+    ("Is there a lesion in this {m}?", "Is any abnormality visible on the {m}?",
+     "Does this {m} show a lesion?"),
+    ("Which side is the lesion on?", "Is the lesion on the left or the right of the {m}?",
+     "On which side of the image is the abnormality?"),
+    ("How big is the lesion?", "Is the lesion small or large?",
+     "What is the size of the abnormality on this {m}?"),
+)  # fmt: skip
+_MODALITY_WORDS = {"xray": "radiograph", "ct": "CT scan", "mri": "MRI", "pathology": "slide"}
+assert set(_SYMPTOMS) == set(DISEASES)
+assert {"yes", "no", "left", "right", "small", "large"} == set(VQA_ANSWERS)
+
+
+@dataclass(frozen=True)
+class Patient:
+    id: str  # e.g. "P000123"
+    inputs: dict[str, object]  # decoded objects by modality ("text" -> the note)
+    question: str  # VQA question text
+    vqa_modality: str  # which imaging modality the VQA question is about
+    # task id -> int label index | list[int] multi-hot | float32 regression | int64 per-residue
+    labels: dict[str, object]
+    latent: dict[str, object] = field(default_factory=dict)  # hidden state, for tests/analysis
+
+
+# --- real PBMC data ---
+
+
+def pbmc68k_path() -> Path:
+    """scanpy's bundled pbmc68k_reduced file, found without importing scanpy (slow)."""
+    spec = importlib.util.find_spec("scanpy")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the synthetic cohort needs scanpy's bundled pbmc68k_reduced data: "
+            "pip install 'multimed-serve[train]'"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "datasets/10x_pbmc68k_reduced.h5ad"
+
+
+@functools.cache
+def _pbmc() -> tuple[np.ndarray, np.ndarray]:
+    """Real pbmc68k_reduced cells: pseudo-counts [700, 765] (PBMC_GENES order), label indices."""
+    import warnings
+
+    import anndata
+
+    path = pbmc68k_path()
+    with warnings.catch_warnings():  # the bundled file predates anndata's current layout
+        warnings.simplefilter("ignore")
+        adata = anndata.read_h5ad(path)
+    raw = adata.raw.to_adata()
+    if tuple(raw.var_names) != PBMC_GENES:
+        raise ValueError(f"{path}: genes differ from catalog.PBMC_GENES")
+    x = raw.X.toarray() if hasattr(raw.X, "toarray") else np.asarray(raw.X)
+    counts = np.round(np.expm1(x)).astype(np.float32)
+    index = {name: i for i, name in enumerate(CELL_TYPES)}
+    labels = np.array([index[str(t)] for t in adata.obs["bulk_labels"]], np.int64)
+    return counts, labels
+
+
+def load_pbmc68k() -> tuple[np.ndarray, np.ndarray]:
+    """The 700 real cells as pseudo-counts float32 [700, 765] and CELL_TYPES indices int64."""
+    counts, labels = _pbmc()
+    return counts.copy(), labels.copy()
+
+
+@functools.cache
+def _cell_model() -> tuple[np.ndarray, np.ndarray]:
+    """Per cell type: normalised mean profile [10, 765], z-scored log panel expression [10, 8]."""
+    counts, labels = _pbmc()
+    means = np.stack([counts[labels == k].mean(0) for k in range(len(CELL_TYPES))])
+    profiles = means / means.sum(1, keepdims=True)
+    panel = np.log1p(means[:, [PBMC_GENES.index(g) for g in EXPRESSION_PANEL]])
+    context = (panel - panel.mean(0)) / panel.std(0)
+    return profiles, context.astype(np.float32)
+
+
+@functools.cache
+def _decoded_types():
+    # Lazy: importing the modalities package pulls in every pipeline module.
+    from multimed.models.modalities.base import EEGRecord, GeneCounts
+
+    return EEGRecord, GeneCounts
+
+
+# --- image primitives (float32, 64x64 unless noted) ---
+
+_AX = np.arange(SIDE, dtype=np.float32)
+_Y, _X = np.meshgrid(_AX, _AX, indexing="ij")
+_R = np.hypot(_Y - 31.5, _X - 31.5)
+_BODY = np.clip(31.0 - _R, 0, 1)  # soft disc filling the field: body / head
+
+
+def _interp(n_out: int, n_in: int) -> np.ndarray:
+    """Linear-interpolation matrix [n_out, n_in]: upsamples coarse noise into smooth fields."""
+    pos = np.linspace(0, n_in - 1, n_out)
+    lo = np.minimum(pos.astype(int), n_in - 2)
+    m = np.zeros((n_out, n_in), np.float32)
+    m[np.arange(n_out), lo] = 1 - (pos - lo)
+    m[np.arange(n_out), lo + 1] = pos - lo
+    return m
+
+
+_UP, _UP_Z = _interp(SIDE, 8), _interp(DEPTH, 4)
+
+
+def _smooth(rng, depth: int = 0) -> np.ndarray:
+    """Smooth ~unit-sd noise (anatomy-like variation): [64, 64], or [16, 64, 64] if depth."""
+    if not depth:
+        return _UP @ rng.standard_normal((8, 8), dtype=np.float32) @ _UP.T
+    coarse = _UP @ rng.standard_normal((4, 8, 8), dtype=np.float32) @ _UP.T
+    return np.tensordot(_UP_Z, coarse, axes=1)
+
+
+def _noise(rng, shape) -> np.ndarray:
+    return rng.standard_normal(shape, dtype=np.float32)  # float32: volumes dominate the cost
+
+
+def _g1(c, s) -> np.ndarray:
+    """Gaussian profiles along one axis: c, s scalars or [k] -> [k, 64]."""
+    c, s = np.atleast_1d(c)[:, None], np.atleast_1d(s)[:, None]
+    return np.exp(-0.5 * ((_AX - c) / s) ** 2).astype(np.float32)
+
+
+def _blobs(cy, cx, sy, sx=None, amp=1.0) -> np.ndarray:
+    """Sum of axis-aligned Gaussian blobs, separable so k blobs cost two small matmuls."""
+    gy = _g1(cy, sy) * np.asarray(amp, np.float32).reshape(-1, 1)
+    return gy.T @ _g1(cx, sy if sx is None else sx)
+
+
+def _ring(cy, cx, r) -> np.ndarray:
+    """The VQA lesion: a thin annulus, a shape no other pattern uses."""
+    return np.exp(-(((np.hypot(_Y - cy, _X - cx) - r) / 0.9) ** 2))
+
+
+def _disease_map(name: str, rng) -> np.ndarray:
+    """Unit-peak disease pattern, by class location and shape, jittered +-2 px."""
+    dy, dx = rng.uniform(-2, 2, 2)
+    if name == "infection":  # diffuse patch, upper centre
+        return 0.7 * _blobs(24 + dy, 32 + dx, 5.0)
+    if name == "neoplasm":  # compact bright mass, lower centre-left
+        return _blobs(38 + dy, 27 + dx, 2.2)
+    if name == "vascular":  # vertical streak, centre-right
+        return _blobs(30 + dy, 38 + dx, 9.0, 1.2)
+    return np.zeros((SIDE, SIDE), np.float32)  # normal
+
+
+def _vqa_lesion(z: dict) -> np.ndarray:
+    les = z["vqa_lesion"]
+    if not les["present"]:
+        return np.zeros((SIDE, SIDE), np.float32)
+    return _ring(les["y"], les["x"], les["radius"])
+
+
+def _slab(lo: int, hi: int) -> np.ndarray:
+    """Depth weights [16, 1, 1]: a smooth bump over slices lo..hi."""
+    z = np.arange(DEPTH, dtype=np.float32)
+    return np.exp(-0.5 * ((z - (lo + hi) / 2) / ((hi - lo) / 3)) ** 2)[:, None, None]
+
+
+# --- the latent patient ---
+
+
+def _latent(rng) -> dict:
+    n_dis = len(DISEASES)
+    disease = int(rng.integers(n_dis))
+    qtype = int(rng.integers(3))
+    large, right = bool(rng.integers(2)), bool(rng.integers(2))
+    return {
+        "disease": disease,
+        # which class's pattern each imaging modality shows (the fusion signal)
+        "disease_shown": {
+            m: disease if rng.random() < P_SHOW else int(rng.integers(n_dis)) for m in IMAGING
+        },
+        "symptom": disease if rng.random() < P_SYMPTOM else int(rng.integers(n_dis)),
+        "tumour": int(rng.integers(len(TUMOURS))),
+        "malignant": (malignant := int(rng.integers(2))),
+        # the tile looks like its class 90% of the time: caps breast-cancer accuracy near 0.9
+        "malignant_shown": malignant if rng.random() < 0.9 else 1 - malignant,
+        "findings": [int(v) for v in rng.random(len(FINDINGS)) < P_FINDING],
+        "age_years": float(rng.uniform(0, 5 * len(AGE_BANDS))),
+        "dr_grade": int(rng.integers(len(DR_GRADES))),
+        "motor": int(rng.integers(len(MOTOR))),
+        "cell_type": int(rng.integers(len(CELL_TYPES))),  # uniform, so every class is present
+        "motifs": [int(v) for v in rng.random(len(MOTIFS)) < 0.5],
+        "vqa_modality": VQA_MODALITIES[int(rng.integers(len(VQA_MODALITIES)))],
+        "question_type": qtype,
+        "vqa_lesion": {  # present for sure when the question asks its side or size
+            "present": qtype != 0 or bool(rng.random() < 0.5),
+            "side": "right" if right else "left",  # image left/right
+            "large": large,
+            "y": float(rng.uniform(24, 40)),
+            "x": float((50.0 if right else 14.0) + rng.uniform(-2, 2)),
+            "radius": float((7.0 if large else 3.0) + rng.uniform(-0.4, 0.4)),
+        },
+    }
+
+
+# --- renderers, one per modality: (rng, latent) -> decoded object ---
+
+
+def _note(rng, z: dict) -> str:
+    symptom = rng.choice(_SYMPTOMS[DISEASES[z["symptom"]]])
+    sex = rng.choice(("Male", "Female"))
+    span = f"{int(rng.integers(2, 10))} {rng.choice(('days', 'weeks'))}"
+    history = rng.choice(
+        ("No known allergies.", "History of hypertension.", "Non-smoker.",
+         "Type 2 diabetes on metformin.", "No relevant past history.")
+    )  # fmt: skip
+    return f"{sex} patient presenting with {symptom} for {span}. {history}"
+
+
+def _question(rng, z: dict) -> str:
+    template = rng.choice(_QUESTIONS[z["question_type"]])
+    return template.format(m=_MODALITY_WORDS[z["vqa_modality"]])
+
+
+def _xray(rng, z: dict) -> np.ndarray:
+    img = 0.12 + 0.2 * _BODY + 0.05 * _smooth(rng)
+    # bone age: five vertical bars from row 2, length growing with age (+noise)
+    length = 3 + 0.5 * z["age_years"] + rng.normal(0, 0.7)
+    rows = np.clip(length + 2 - _AX, 0, 1) * (_AX >= 2)
+    img += 0.45 * np.outer(rows, _g1(np.arange(8, 64, 12), 1.3).sum(0))
+    shown = DISEASES[z["disease_shown"]["xray"]]
+    img += 0.5 * rng.uniform(0.7, 1.3) * _disease_map(shown, rng)
+    # each finding: a dot in its own slot on row 56; absent slots sometimes hold a faint one
+    on = np.array(z["findings"], bool)
+    amp = np.where(on, rng.uniform(0.12, 0.45, on.size), rng.uniform(0.03, 0.18, on.size))
+    amp *= on | (rng.random(on.size) < 0.3)
+    jy, jx = rng.uniform(-2.5, 2.5, (2, on.size))
+    img += _blobs(56 + jy, 8 + 12 * np.arange(on.size) + jx, 1.5, amp=amp)
+    img += 0.35 * _vqa_lesion(z) + rng.normal(0, 0.04, img.shape)
+    return np.clip(img, 0, 1, dtype=np.float32)[None]
+
+
+def _ct(rng, z: dict) -> np.ndarray:
+    # Hounsfield units: air outside, soft tissue ~35, a bright spine; signal within [-160, 240].
+    tissue = 35 + 12 * _smooth(rng, DEPTH) + 8 * _noise(rng, (DEPTH, SIDE, SIDE))
+    hu = -1000 + _BODY * (1000 + tissue) + 400 * _blobs(55, 31.5, 3.0)
+    shown = DISEASES[z["disease_shown"]["ct"]]
+    hu += 160 * rng.uniform(0.7, 1.3) * _disease_map(shown, rng) * _slab(2, 13)
+    hu[5:11] += 150 * _vqa_lesion(z)
+    return hu.astype(np.float32)
+
+
+def _tumour_map(name: str, rng) -> np.ndarray:
+    """Tumour type by radial position: glioma inner irregular, meningioma at the rim,
+    pituitary small midline-low; distinct from the disease patterns (other slices)."""
+    if name == "glioma":
+        r, a = rng.uniform(0, 11), rng.uniform(0, 2 * np.pi)
+        cy, cx = 31.5 + r * np.array([np.sin(a), np.cos(a)])[:, None] + rng.normal(0, 2, (2, 3))
+        return _blobs(cy, cx, rng.uniform(1.5, 3.5, 3), rng.uniform(1.5, 3.5, 3), amp=0.8)
+    if name == "meningioma":
+        a = rng.uniform(0, 2 * np.pi)
+        return _blobs(31.5 + 24 * np.sin(a), 31.5 + 24 * np.cos(a), 3.0)
+    if name == "pituitary":
+        return _blobs(47 + rng.normal(0, 1), 31.5 + rng.normal(0, 1), 2.2)
+    return np.zeros((SIDE, SIDE), np.float32)  # no_tumor
+
+
+def _mri(rng, z: dict) -> np.ndarray:
+    skull = np.exp(-(((_R - 29.5) / 1.2) ** 2))
+    head = np.clip(28.0 - _R, 0, 1) * (380 + 50 * _smooth(rng, DEPTH))
+    vol = head + 650 * skull + 15 * np.abs(_noise(rng, (DEPTH, SIDE, SIDE)))  # Rician-like floor
+    shown = DISEASES[z["disease_shown"]["mri"]]
+    vol[:8] += 300 * rng.uniform(0.7, 1.3) * _disease_map(shown, rng) * _slab(0, 7)[:8]
+    tumour = _tumour_map(TUMOURS[z["tumour"]], rng)
+    vol[8:] += 350 * rng.uniform(0.5, 1.2) * tumour * _slab(8, 15)[8:]
+    vol[4:12] += 320 * _vqa_lesion(z)
+    return np.clip(vol, 0, 1000, dtype=np.float32)
+
+
+def _oct(rng, z: dict) -> np.ndarray:
+    # retina: a curved layered band below a dark vitreous; lesion spots count ~ 3 x grade
+    top = 18 + 4 * np.sin(_AX / 64 * 2.5 + rng.uniform(0, np.pi)) + _UP @ rng.normal(0, 1, 8)
+    rel = _Y - top[None, :]
+    band = (rel >= 0) & (rel <= 24)
+    img = np.where(band, 0.4 + 0.15 * np.cos(rel * 2 * np.pi / 8), 0.05)
+    n = max(0, round(3 * z["dr_grade"] + rng.normal(0, 0.8)))
+    if n:
+        x = rng.uniform(4, 60, n)
+        y = top[np.clip(x.astype(int), 0, SIDE - 1)] + rng.uniform(4, 20, n)
+        amp = np.where(rng.random(n) < 0.8, 0.5, -0.3)  # exudates bright, haemorrhages dark
+        img = img + _blobs(y, x, 1.5, amp=amp)
+    img = img * rng.gamma(16, 1 / 16, img.shape) + rng.normal(0, 0.02, img.shape)  # speckle
+    return np.clip(img, 0, 1, dtype=np.float32)[None]
+
+
+_EOSIN = np.array([0.93, 0.70, 0.82], np.float32)[:, None, None]
+_HEMATOXYLIN = np.array([0.33, 0.18, 0.52], np.float32)[:, None, None]
+
+
+def _pathology(rng, z: dict) -> np.ndarray:
+    # malignant: more, larger, elongated, darker nuclei; ranges overlap so it stays noisy
+    mal = z["malignant_shown"]
+    n = max(5, round(rng.normal(34 if mal else 26, 7)))
+    size = rng.uniform(2.2, 3.6, n) if mal else rng.uniform(1.6, 2.8, n)
+    elong = rng.uniform(1.0, 1.8 if mal else 1.25, n)
+    flip = rng.random(n) < 0.5
+    sy, sx = np.where(flip, size * elong, size), np.where(flip, size, size * elong)
+    dark = rng.uniform(0.8, 1.0, n) if mal else rng.uniform(0.6, 0.9, n)
+    cy, cx = rng.uniform(2, 62, (2, n))
+    nuclei = np.clip(1.5 * _blobs(cy, cx, sy / 1.6, sx / 1.6, amp=dark), 0, 1)
+    stroma = _EOSIN * (1 + 0.06 * _smooth(rng))
+    img = stroma * (1 - nuclei) + _HEMATOXYLIN * nuclei
+    img = img * (1 - 0.5 * _vqa_lesion(z)) + rng.normal(0, 0.02, img.shape)
+    return np.clip(img, 0, 1, dtype=np.float32)
+
+
+_CH = {c: i for i, c in enumerate(EEG_CHANNELS)}
+_ERD = {  # motor class -> (suppressed centre, neighbours): contralateral mu desynchronisation
+    "left_hand": ("C4", ("C2", "C6", "FC4", "CP4")),
+    "right_hand": ("C3", ("C1", "C5", "FC3", "CP3")),
+    "feet": ("Cz", ("C1", "C2", "FCz", "CPz")),
+}
+_FRONTAL = [_CH[c] for c in ("Fz", "FC3", "FC1", "FCz", "FC2", "FC4")]
+_FREQS = np.fft.rfftfreq(EEG_SAMPLES, 1 / EEG_RATE_HZ)
+_PINK = 1 / np.sqrt(np.maximum(_FREQS, 1.0))
+_T = np.arange(EEG_SAMPLES) / EEG_RATE_HZ
+assert set(_ERD) | {"tongue"} == set(MOTOR)
+
+
+def _pink(rng, rows: int) -> np.ndarray:
+    spec = rng.standard_normal((rows, _FREQS.size)) + 1j * rng.standard_normal((rows, _FREQS.size))
+    x = np.fft.irfft(spec * _PINK, n=EEG_SAMPLES)
+    return x / x.std(1, keepdims=True)
+
+
+def _eeg(rng, z: dict):
+    n = len(EEG_CHANNELS)
+    gain = rng.lognormal(0, 0.2, (n, 1))
+    data = 9 * gain * _pink(rng, n) + 4 * _pink(rng, 1)  # own + shared (volume-conducted) noise
+    weight = np.ones(n)
+    motor = MOTOR[z["motor"]]
+    if motor in _ERD:
+        centre, near = _ERD[motor]
+        depth = rng.uniform(0.15, 0.6)  # how strongly this trial desynchronises
+        weight[[_CH[c] for c in near]] = (1 + depth) / 2
+        weight[_CH[centre]] = depth
+    envelope = 1 + 0.3 * np.sin(2 * np.pi * 0.4 * _T + rng.uniform(0, 2 * np.pi))
+    mu = np.sin(2 * np.pi * rng.uniform(9, 11) * _T + rng.uniform(0, 2 * np.pi, (n, 1)))
+    data += 6 * rng.lognormal(0, 0.25) * weight[:, None] * envelope * mu
+    if motor == "tongue":  # frontal 20 Hz beta burst, 0.5-3.5 s
+        burst = np.sin(np.pi * np.clip((_T - 0.5) / 3.0, 0, 1)) ** 2
+        beta = np.sin(2 * np.pi * rng.uniform(18, 22) * _T + rng.uniform(0, 2 * np.pi))
+        data[_FRONTAL] += 5 * rng.lognormal(0, 0.25) * burst * beta
+    EEGRecord, _ = _decoded_types()
+    return EEGRecord(data.astype(np.float32), EEG_CHANNELS, EEG_RATE_HZ)
+
+
+def _dna(rng, z: dict) -> str:
+    seq = np.array(list("ACGT"))[rng.integers(4, size=DNA_LENGTH)]
+    window = DNA_LENGTH // len(MOTIFS)  # each motif gets its own window, so none overlap
+    slots = rng.permutation(len(MOTIFS))
+    for k in np.flatnonzero(z["motifs"]):
+        start = slots[k] * window + int(rng.integers(window - 6 + 1))
+        seq[start : start + 6] = list(MOTIFS[k])
+    return "".join(seq)
+
+
+def _scrna(rng, z: dict):
+    profiles, _ = _cell_model()
+    library = rng.uniform(2000, 5000)
+    rate = library * profiles[z["cell_type"]] * rng.gamma(4, 1 / 4, len(PBMC_GENES))
+    _, GeneCounts = _decoded_types()
+    return GeneCounts(rng.poisson(rate).astype(np.float32))
+
+
+_AMINO = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+_SEGMENT = {"H": (6, 14), "E": (4, 8), "C": (2, 6)}  # length range per structure state
+_RICH = {"H": "ALEKMQR", "E": "VIYFWT", "C": "GPNDS"}  # propensity-rich residues
+_PROPENSITY = {
+    s: (w := np.where(np.isin(_AMINO, list(rich)), 6.0, 1.0)) / w.sum() for s, rich in _RICH.items()
+}
+assert set(_SEGMENT) == set(STRUCTURE)
+
+
+def _protein(rng) -> tuple[str, np.ndarray]:
+    """Structure first (alternating segments), then residues from per-state propensities."""
+    length = int(rng.integers(40, 121))
+    states, prev = [], None
+    while len(states) < length:
+        s = rng.choice([s for s in STRUCTURE if s != prev])
+        lo, hi = _SEGMENT[s]
+        states += [s] * int(rng.integers(lo, hi + 1))
+        prev = s
+    states = states[:length]
+    labels = np.array([STRUCTURE.index(s) for s in states], np.int64)
+    seq = rng.choice(_AMINO, length)  # uniform: the quarter of residues that carry no signal
+    for i, s in enumerate(STRUCTURE):
+        pick = (labels == i) & (rng.random(length) >= 0.25)
+        seq[pick] = rng.choice(_AMINO, int(pick.sum()), p=_PROPENSITY[s])
+    return "".join(seq), labels
+
+
+# --- the cohort ---
+
+
+def generate_patient(index: int, seed: int = 0) -> Patient:
+    """Patient `index` of cohort `seed`: depends on (seed, index) only."""
+    rng_latent, rng_text, rng_xray, rng_ct, rng_mri, rng_oct, rng_path, rng_eeg, rng_seq = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(9)
+    )  # one stream per modality: changing one renderer leaves the others' draws alone
+    z = _latent(rng_latent)
+    dna = _dna(rng_seq, z)
+    z["motifs"] = [int(m in dna) for m in MOTIFS]  # count chance occurrences too
+    protein, structure = _protein(rng_seq)
+    inputs = {
+        "text": _note(rng_text, z),
+        "xray": _xray(rng_xray, z),
+        "ct": _ct(rng_ct, z),
+        "mri": _mri(rng_mri, z),
+        "oct": _oct(rng_oct, z),
+        "pathology": _pathology(rng_path, z),
+        "eeg": _eeg(rng_eeg, z),
+        "genomics": dna,
+        "scrna": _scrna(rng_seq, z),
+        "protein": protein,
+    }
+    _, context = _cell_model()
+    expression = np.array(z["motifs"]) + context[z["cell_type"]] + rng_seq.normal(0, 0.3, 8)
+    les, qtype = z["vqa_lesion"], z["question_type"]
+    answer = (
+        ("yes" if les["present"] else "no", les["side"], "large" if les["large"] else "small")
+    )[qtype]
+    labels = {
+        "disease_classification": z["disease"],
+        "brain_tumor_classification": z["tumour"],
+        "breast_cancer_classification": z["malignant"],
+        "radiographic_findings_classification": list(z["findings"]),
+        "bone_age_classification": min(int(z["age_years"] // 5), len(AGE_BANDS) - 1),
+        "diabetic_retinopathy_classification": z["dr_grade"],
+        "motor_imagery_classification": z["motor"],
+        "cell_type_classification": z["cell_type"],
+        "expression_prediction": expression.astype(np.float32),
+        "protein_structure_prediction": structure,
+        "medical_vqa": VQA_ANSWERS.index(answer),
+    }
+    assert set(labels) == set(CATALOG.tasks)
+    return Patient(
+        id=f"P{index:06d}",
+        inputs=inputs,
+        question=_question(rng_text, z),
+        vqa_modality=z["vqa_modality"],
+        labels=labels,
+        latent=z,
+    )
+
+
+def generate_cohort(n: int, seed: int = 0) -> list[Patient]:
+    """n patients; patient i is the same whatever n."""
+    return [generate_patient(i, seed) for i in range(n)]
+
+
+def task_inputs(patient: Patient, task_id: str) -> dict[str, object]:
+    """The decoded inputs a request for `task_id` about this patient would carry."""
+    spec = CATALOG.task(task_id)
+    if task_id == "medical_vqa":  # the text is the question, the image the one it asks about
+        return {
+            "text": patient.question,
+            patient.vqa_modality: patient.inputs[patient.vqa_modality],
+        }
+    return {m: patient.inputs[m] for m in spec.accepted if m in patient.inputs}
+
+
+def labels_json(patient: Patient) -> dict[str, object]:
+    """Labels by name: str, list[str] (multi-label), list[float] (regression), "HHEC.." (per
+    residue)."""
+    out: dict[str, object] = {}
+    for tid, spec in CATALOG.tasks.items():
+        y, names = patient.labels[tid], spec.labels
+        if spec.output == OutputKind.MULTI_LABEL:
+            out[tid] = [name for name, on in zip(names, y, strict=True) if on]
+        elif spec.output == OutputKind.REGRESSION:
+            out[tid] = [float(v) for v in y]
+        elif spec.output == OutputKind.PER_TOKEN:
+            out[tid] = "".join(names[i] for i in y)
+        else:
+            out[tid] = names[y]
+    return out

@@ -1,0 +1,51 @@
+"""The domain error hierarchy. Raised deep in the models layer; mapped to transport codes once, at
+the serving edge. Model code never raises transport errors."""
+
+
+class MultiMedError(Exception):
+    """Base of every error the product raises on purpose."""
+
+
+class InputError(MultiMedError, ValueError):
+    """A modality's input is malformed or out of range. The message names the modality."""
+
+    def __init__(self, modality: str, problem: str):
+        self.modality = modality
+        self.problem = problem
+        super().__init__(f"{modality}: {problem}")
+
+
+class UnknownTask(MultiMedError, KeyError):
+    def __init__(self, task: str, known: tuple[str, ...]):
+        self.task = task
+        super().__init__(task)
+        self.message = f"unknown task {task!r}; known tasks: {', '.join(known)}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UnknownModality(MultiMedError, KeyError):
+    def __init__(self, modality: str, known: tuple[str, ...]):
+        self.modality = modality
+        super().__init__(modality)
+        self.message = f"unknown modality {modality!r}; known modalities: {', '.join(known)}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class MissingModality(MultiMedError):
+    """A task's required modalities are not all present."""
+
+
+class UnexpectedModality(MultiMedError):
+    """A modality was sent that the task neither requires nor accepts."""
+
+
+class BundleError(MultiMedError):
+    """A model bundle is missing, incomplete, tampered with or of another catalog version."""
+
+
+class Overloaded(MultiMedError):
+    """The service cannot take more work right now; the caller may retry."""

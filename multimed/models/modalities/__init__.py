@@ -1,0 +1,1 @@
+"""Modality pipelines, one module per modality; `registry` lists them explicitly."""

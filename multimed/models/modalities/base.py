@@ -1,0 +1,202 @@
+"""The one contract every modality pipeline implements: decode -> preprocess -> collate ->
+features -> encode. Construction is cheap (no weights); `setup` is the only slow step.
+
+Shapes: `preprocess` returns one item as a dict of tensors without a batch dimension; `collate`
+stacks (or pads) items into a batch dict; the encoder maps a batch dict to an `EncoderOutput`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ValidationError
+from torch import Tensor, nn
+
+from multimed.models.catalog import CATALOG, InputForm, ModalitySpec
+from multimed.models.config import EncoderSize, Frozen
+from multimed.models.errors import InputError
+
+Batch = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """One modality's input as it arrived on the wire, already told apart by form.
+
+    data by form: TEXT/SEQUENCE -> str; IMAGE/DICOM/EDF -> bytes; DICOM_SERIES -> list[bytes];
+    GENE_COUNTS -> Mapping[str, float]; TENSOR -> np.ndarray.
+    """
+
+    modality: str
+    form: InputForm
+    data: Any
+
+
+@dataclass(frozen=True)
+class EncoderOutput:
+    pooled: Tensor  # [B, D]
+    tokens: Tensor | None = None  # [B, L, D] for modalities that emit per-token embeddings
+    token_mask: Tensor | None = None  # [B, L] bool, True at real (non-padding) tokens
+
+
+@dataclass(frozen=True)
+class EEGRecord:
+    """Decoded EEG: microvolts, one row per channel."""
+
+    data: np.ndarray  # float32 [channels, samples]
+    channels: tuple[str, ...]
+    sample_rate_hz: float
+
+
+@dataclass(frozen=True)
+class GeneCounts:
+    """Decoded scRNA-seq profile aligned to the encoder's gene order."""
+
+    counts: np.ndarray  # float32 [genes], raw (not normalised) counts
+    unknown_genes: tuple[str, ...] = ()  # genes in the input that the encoder does not know
+
+
+class NoSettings(Frozen):
+    pass
+
+
+class ModalityPipeline(ABC):
+    """Subclasses set `modality` and `Settings`, and implement decode, preprocess, build_encoder.
+
+    Bad input raises `InputError(self.modality, "what is wrong")` from decode or preprocess.
+    """
+
+    modality: ClassVar[str]
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+
+    def __init__(
+        self,
+        settings: Mapping[str, Any] | BaseModel | None = None,
+        size: EncoderSize = "tiny",
+        embed_dim: int = 128,
+    ):
+        if isinstance(settings, BaseModel):
+            settings = settings.model_dump()
+        try:
+            self.settings = self.Settings.model_validate(dict(settings or {}))
+        except ValidationError as e:
+            raise ValueError(f"{self.modality} settings: {e}") from None
+        self.size = size
+        self.embed_dim = embed_dim
+        self.encoder: nn.Module | None = None
+        self.device = torch.device("cpu")
+
+    @property
+    def spec(self) -> ModalitySpec:
+        return CATALOG.modality(self.modality)
+
+    def error(self, problem: str) -> InputError:
+        return InputError(self.modality, problem)
+
+    # --- wire -> tensor (per item, before batching, so one bad item fails alone) ---
+
+    def prepare(self, raw: RawInput) -> Batch:
+        """decode + preprocess one input, checking its form first."""
+        if raw.form not in self.spec.forms:
+            forms = ", ".join(sorted(self.spec.forms))
+            raise self.error(f"input form {raw.form!s} is not accepted (accepted: {forms})")
+        return self.preprocess(self.decode(raw))
+
+    @abstractmethod
+    def decode(self, raw: RawInput) -> Any:
+        """Wire form -> decoded domain object (see each modality for its type)."""
+
+    @abstractmethod
+    def preprocess(self, decoded: Any) -> Batch:
+        """Decoded object -> model-ready tensors for one item (no batch dimension)."""
+
+    def collate(self, items: Sequence[Batch]) -> Batch:
+        """Items -> batch. Default stacks each key; variable-length modalities pad instead."""
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    # --- model ---
+
+    @abstractmethod
+    def build_encoder(self) -> nn.Module:
+        """A freshly initialised trainable encoder: forward(batch: Batch) -> EncoderOutput."""
+
+    def features(self, batch: Batch) -> Batch:
+        """Frozen, deterministic stage run before the trainable encoder (e.g. a pretrained
+        backbone). Identity by default. Training runs it once and caches the result."""
+        return batch
+
+    def setup(self, device: str | torch.device = "cpu", state: Mapping[str, Tensor] | None = None):
+        """Build the encoder, load weights and move to device. The only slow step."""
+        self.device = torch.device(device)
+        encoder = self.build_encoder()
+        if state is not None:
+            encoder.load_state_dict(dict(state))
+        self.encoder = encoder.to(self.device).eval()
+        return self
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> EncoderOutput:
+        if self.encoder is None:
+            raise RuntimeError(f"{self.modality} pipeline used before setup()")
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return self.encoder(self.features(batch))
+
+    def encode(self, raws: Sequence[RawInput]) -> EncoderOutput:
+        """Convenience for scripts and tests: prepare, collate and forward."""
+        return self.forward(self.collate([self.prepare(r) for r in raws]))
+
+    @staticmethod
+    def unbatch(out: EncoderOutput) -> list[EncoderOutput]:
+        """Batch output -> one output per item (padding stripped from token outputs)."""
+        items = []
+        for i in range(out.pooled.shape[0]):
+            tokens = mask = None
+            if out.tokens is not None:
+                keep = out.token_mask[i]
+                tokens = out.tokens[i][keep].unsqueeze(0)
+                mask = keep[keep].unsqueeze(0)
+            items.append(EncoderOutput(out.pooled[i : i + 1], tokens, mask))
+        return items
+
+
+# --- helpers shared by several pipelines ---
+
+
+def check_finite(pipeline: ModalityPipeline, array: np.ndarray, what: str = "input") -> None:
+    if not np.isfinite(array).all():
+        raise pipeline.error(f"{what} contains NaN or Inf values")
+
+
+def as_float_array(pipeline: ModalityPipeline, data: Any, ndim: tuple[int, ...]) -> np.ndarray:
+    """Validate a TENSOR-form payload: numeric, finite, of an allowed dimensionality."""
+    array = np.asarray(data)
+    if array.dtype.kind not in "fiu":
+        raise pipeline.error(f"tensor dtype {array.dtype} is not numeric")
+    if array.ndim not in ndim:
+        allowed = " or ".join(f"{n}-D" for n in ndim)
+        raise pipeline.error(f"tensor must be {allowed}, got shape {tuple(array.shape)}")
+    array = array.astype(np.float32, copy=False)
+    check_finite(pipeline, array, "tensor")
+    return array
+
+
+def pad_collate(items: Sequence[Batch], key: str, pad_value: float | int = 0) -> Batch:
+    """Pad a variable-length key (first dim of each item's tensor = length) and add `mask`."""
+    lengths = [it[key].shape[0] for it in items]
+    longest = max(lengths)
+    first = items[0][key]
+    out = first.new_full((len(items), longest, *first.shape[1:]), pad_value)
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for i, it in enumerate(items):
+        out[i, : lengths[i]] = it[key]
+        mask[i, : lengths[i]] = True
+    return {key: out, "mask": mask}
+
+
+def width(size: EncoderSize, tiny: int, base: int) -> int:
+    return tiny if size == "tiny" else base

@@ -1,0 +1,77 @@
+"""DNA sequence -> per-base and pooled embeddings with a small dilated CNN."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn import functional as F
+
+from multimed.models.config import Frozen
+from multimed.models.data.sequence_io import parse_sequence
+from multimed.models.modalities.base import (
+    Batch,
+    EncoderOutput,
+    ModalityPipeline,
+    RawInput,
+    pad_collate,
+    width,
+)
+
+ALPHABET = "ACGTN"
+PAD = len(ALPHABET)  # token id 5
+_INDEX = {base: i for i, base in enumerate(ALPHABET)}
+
+
+class GenomicsSettings(Frozen):
+    max_length: int = Field(2000, ge=1)
+    min_length: int = Field(8, ge=1)
+
+
+class GenomicsEncoder(nn.Module):
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        # One-hot rows for A, C, G, T; N is uniform over the four bases; padding is all zero.
+        one_hot = torch.cat([torch.eye(4), torch.full((1, 4), 0.25), torch.zeros(1, 4)])
+        self.register_buffer("one_hot", one_hot, persistent=False)
+        self.conv1 = nn.Conv1d(4, channels, kernel_size=9, padding=4)
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size=9, dilation=2, padding=8)
+        self.token_proj = nn.Linear(channels, embed_dim)
+        self.pool_proj = nn.Linear(2 * channels, embed_dim)
+
+    def forward(self, batch: Batch) -> EncoderOutput:
+        tokens, mask = batch["tokens"], batch["mask"]
+        keep = mask.unsqueeze(1).float()  # [B, 1, L]
+        x = F.embedding(tokens, self.one_hot).transpose(1, 2)  # [B, 4, L]
+        # Zero padded positions after each conv, so padding looks exactly like the conv's own
+        # zero border and a sequence's outputs do not depend on what it was batched with.
+        h = F.gelu(self.conv1(x)) * keep
+        h = F.gelu(self.conv2(h)) * keep
+        mean = h.sum(-1) / keep.sum(-1).clamp(min=1)
+        peak = h.masked_fill(keep == 0, float("-inf")).amax(-1)
+        pooled = self.pool_proj(torch.cat([mean, peak], dim=-1))
+        return EncoderOutput(pooled, self.token_proj(h.transpose(1, 2)), mask)
+
+
+class GenomicsPipeline(ModalityPipeline):
+    """Decoded type: `str`, upper-case over ACGTN."""
+
+    modality = "genomics"
+    Settings = GenomicsSettings
+
+    def decode(self, raw: RawInput) -> str:
+        s = self.settings
+        return parse_sequence(
+            raw.data, self.modality, ALPHABET, min_length=s.min_length, max_length=s.max_length
+        )
+
+    def preprocess(self, decoded: str) -> Batch:
+        return {"tokens": torch.tensor([_INDEX[base] for base in decoded], dtype=torch.long)}
+
+    def collate(self, items: Sequence[Batch]) -> Batch:
+        return pad_collate(items, "tokens", pad_value=PAD)
+
+    def build_encoder(self) -> nn.Module:
+        return GenomicsEncoder(width(self.size, 64, 256), self.embed_dim)

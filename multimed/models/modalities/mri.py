@@ -1,0 +1,17 @@
+"""MRI pipeline: intensities have no absolute scale, so each volume is scaled by its own
+1st..99th percentiles."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from multimed.models.modalities.volume import VolumePipeline
+
+
+class MRIPipeline(VolumePipeline):
+    modality = "mri"
+    dicom_modality_code = "MR"
+
+    def intensity(self, volume: np.ndarray) -> np.ndarray:
+        lo, hi = np.percentile(volume, [1.0, 99.0])
+        return np.clip((volume - lo) / max(hi - lo, 1e-6), 0.0, 1.0)

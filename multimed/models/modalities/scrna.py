@@ -1,0 +1,108 @@
+"""Single-cell RNA-seq counts -> embedding with an MLP over a fixed gene panel."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from multimed.models.catalog import PBMC_GENES, InputForm
+from multimed.models.config import Frozen
+from multimed.models.modalities.base import (
+    Batch,
+    EncoderOutput,
+    GeneCounts,
+    ModalityPipeline,
+    RawInput,
+    as_float_array,
+    check_finite,
+    width,
+)
+
+_SHOWN = 5  # how many unknown genes an error names
+
+
+class ScrnaSettings(Frozen):
+    genes: tuple[str, ...] = Field(PBMC_GENES, min_length=1)
+    target_sum: float = Field(1e4, gt=0)
+    max_unknown_fraction: float = Field(0.5, ge=0, le=1)
+
+
+class ScrnaEncoder(nn.Module):
+    def __init__(self, genes: int, hidden: int, embed_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(genes, hidden),
+            nn.LayerNorm(hidden),
+            nn.GELU(),
+            nn.Dropout(0.1),
+            nn.Linear(hidden, embed_dim),
+        )
+
+    def forward(self, batch: Batch) -> EncoderOutput:
+        return EncoderOutput(self.mlp(batch["expression"]))
+
+
+class ScrnaPipeline(ModalityPipeline):
+    """Decoded type: `GeneCounts` (raw counts in the settings' gene order)."""
+
+    modality = "scrna"
+    Settings = ScrnaSettings
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._gene_index = {gene: i for i, gene in enumerate(self.settings.genes)}
+
+    def decode(self, raw: RawInput) -> GeneCounts:
+        if raw.form == InputForm.TENSOR:
+            counts = as_float_array(self, raw.data, ndim=(1,))
+            if counts.shape[0] != len(self.settings.genes):
+                raise self.error(
+                    f"tensor must hold {len(self.settings.genes)} gene counts "
+                    f"(one per gene, in the encoder's order), got {counts.shape[0]}"
+                )
+            counts, unknown = self._non_negative(counts), ()
+        else:
+            counts, unknown = self._align(raw.data)
+        if not counts.any():
+            raise self.error("all counts for the encoder's genes are zero")
+        return GeneCounts(counts, unknown)
+
+    def _align(self, data: Mapping[str, float]) -> tuple[np.ndarray, tuple[str, ...]]:
+        """Gene -> count map -> counts in the encoder's gene order, plus the unknown genes."""
+        if not isinstance(data, Mapping) or not data:
+            raise self.error("gene counts must be a non-empty gene -> count map")
+        values = np.asarray(list(data.values()))
+        if values.dtype.kind not in "fiu":  # rejects strings, None and booleans
+            raise self.error("gene counts must be numbers")
+        values = values.astype(np.float32)
+        check_finite(self, values, "gene counts")
+        self._non_negative(values)
+        unknown = sorted(g for g in data if g not in self._gene_index)
+        if len(unknown) > self.settings.max_unknown_fraction * len(data):
+            shown = ", ".join(unknown[:_SHOWN]) + (", ..." if len(unknown) > _SHOWN else "")
+            raise self.error(
+                f"{len(unknown)} of {len(data)} genes are not in the encoder's gene panel "
+                f"(e.g. {shown}); is this the right species / gene naming?"
+            )
+        counts = np.zeros(len(self.settings.genes), dtype=np.float32)
+        for gene, value in zip(data, values, strict=True):
+            if gene in self._gene_index:
+                counts[self._gene_index[gene]] = value
+        return counts, tuple(unknown)
+
+    def _non_negative(self, counts: np.ndarray) -> np.ndarray:
+        if (counts < 0).any():
+            raise self.error("gene counts must not be negative")
+        return counts
+
+    def preprocess(self, decoded: GeneCounts) -> Batch:
+        counts = decoded.counts.astype(np.float32)
+        normalised = np.log1p(counts / counts.sum() * self.settings.target_sum)
+        return {"expression": torch.from_numpy(normalised)}
+
+    def build_encoder(self) -> nn.Module:
+        return ScrnaEncoder(len(self.settings.genes), width(self.size, 256, 1024), self.embed_dim)

@@ -1,0 +1,55 @@
+"""Per-task fusion + head: the small part of the model that the router holds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from multimed.models.catalog import CATALOG, OutputKind, TaskSpec
+from multimed.models.config import ModelConfig
+from multimed.models.fusion import build_fusion
+from multimed.models.heads import Head, Prediction, to_predictions
+from multimed.models.modalities.base import EncoderOutput
+
+
+class TaskModel(nn.Module):
+    def __init__(self, spec: TaskSpec, config: ModelConfig):
+        super().__init__()
+        self.spec = spec
+        self.fusion = build_fusion(config.fusion, spec.accepted, config.embed_dim)
+        self.head = Head(spec, config.embed_dim)
+
+    def forward(
+        self,
+        embeddings: Mapping[str, Tensor],
+        present: Mapping[str, Tensor],
+        tokens: Tensor | None = None,
+    ) -> Tensor:
+        return self.head(self.fusion(embeddings, present), tokens)
+
+
+class TaskModels(nn.Module):
+    """Every catalog task's fusion and head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tasks = nn.ModuleDict({t: TaskModel(s, config) for t, s in CATALOG.tasks.items()})
+
+    @torch.inference_mode()
+    def predict(self, task_id: str, outputs: Mapping[str, EncoderOutput]) -> list[Prediction]:
+        """Encoder outputs of the modalities present (batch B each) -> B predictions.
+
+        The caller has checked the modalities against the task (`TaskSpec.check_modalities`)."""
+        spec = CATALOG.task(task_id)
+        embeddings = {m: o.pooled for m, o in outputs.items()}
+        batch = next(iter(embeddings.values())).shape[0]
+        present = {m: torch.ones(batch, dtype=torch.bool) for m in embeddings}
+        tokens = mask = None
+        if spec.output is OutputKind.PER_TOKEN:
+            tokens = outputs[spec.token_modality].tokens
+            mask = outputs[spec.token_modality].token_mask
+        raw = self.tasks[task_id](embeddings, present, tokens)
+        return to_predictions(spec, raw, mask)

@@ -1,0 +1,220 @@
+"""Multitask training of encoders, per-task fusion and heads on the synthetic cohort (plus the
+real pbmc68k_reduced cells for cell types), written out as a bundle."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from multimed.models.bundle import Bundle, load_bundle, save_bundle
+from multimed.models.catalog import CATALOG, OutputKind
+from multimed.models.config import Frozen, ModelConfig
+from multimed.models.data.synthetic import generate_cohort, load_pbmc68k
+from multimed.models.dataset import CohortTensors, TaskData, build_tensors
+from multimed.models.evaluate import evaluate
+from multimed.models.heads import loss
+from multimed.models.modalities.base import GeneCounts, ModalityPipeline
+from multimed.models.modalities.registry import build_pipelines
+from multimed.models.model import Model
+
+log = logging.getLogger(__name__)
+
+REAL_CELLS = "pbmc68k_reduced"
+
+
+class TrainSettings(Frozen):
+    patients: int = Field(1500, ge=20)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    tasks: tuple[str, ...] = tuple(CATALOG.tasks)
+    modalities: tuple[str, ...] = tuple(CATALOG.modalities)
+    real_cells: bool = True  # also train/evaluate cell types on scanpy's pbmc68k_reduced
+    # Modality dropout, so every subset a request may carry is seen in training.
+    drop_optional: float = Field(0.3, ge=0, le=1)
+    drop_alternative: float = Field(0.4, ge=0, le=1)  # each present member of an any-of group
+    drop_required: float = Field(0.1, ge=0, le=1)  # lets ablations (e.g. VQA image-only) be fair
+
+
+def _answerable(task: str, modalities: set[str]) -> bool:
+    spec = CATALOG.task(task)
+    return set(spec.all_of) <= modalities and (
+        not spec.any_of or bool(modalities & set(spec.any_of))
+    )
+
+
+def modality_dropout(task: TaskData, present: Tensor, s: TrainSettings, gen) -> Tensor:
+    spec = task.spec
+    p = torch.tensor(
+        [
+            s.drop_required
+            if m in spec.all_of
+            else s.drop_alternative
+            if m in spec.any_of
+            else s.drop_optional
+            for m in spec.accepted
+        ]
+    )
+    keep = present & (torch.rand(present.shape, generator=gen) >= p)
+    # Never leave an item with nothing, nor with no member of a required any-of group.
+    group = torch.tensor([m in spec.any_of for m in spec.accepted])
+    if group.any():
+        lost = ~(keep & group).any(1)
+        keep[lost] |= present[lost] & group
+    empty = ~keep.any(1)
+    keep[empty] = present[empty]
+    return keep
+
+
+def real_cell_tensors(pipelines: dict[str, ModalityPipeline]) -> CohortTensors:
+    counts, labels = load_pbmc68k()
+    scrna = pipelines["scrna"]
+    batch = scrna.collate([scrna.preprocess(GeneCounts(c)) for c in counts])
+    spec = CATALOG.task("cell_type_classification")
+    present = torch.tensor([[m == "scrna" for m in spec.accepted]] * len(labels))
+    task = TaskData(spec, {"scrna": "scrna"}, present, torch.as_tensor(labels, dtype=torch.long))
+    return CohortTensors({"scrna": batch}, {spec.id: task}, len(labels))
+
+
+def split(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, round(n * test_fraction))
+    return order[n_test:], order[:n_test]
+
+
+@dataclass
+class Prepared:
+    """The cohort tensors and the deterministic train/test split, from the settings alone."""
+
+    data: CohortTensors
+    train_idx: Tensor
+    test_idx: Tensor
+    real: CohortTensors | None = None
+    real_train: Tensor | None = None
+    real_test: Tensor | None = None
+
+    def evaluate(self, model: Model) -> dict:
+        metrics = evaluate(model, self.data, self.train_idx, self.test_idx)
+        if self.real is not None:
+            real = evaluate(model, self.real, self.real_train, self.real_test)
+            metrics["real_data"] = {REAL_CELLS: real["tasks"]}
+        return metrics
+
+
+def prepare(settings: TrainSettings, pipelines: dict[str, ModalityPipeline]) -> Prepared:
+    tasks = [t for t in settings.tasks if _answerable(t, set(pipelines))]
+    started = time.monotonic()
+    cohort = generate_cohort(settings.patients, settings.seed)
+    log.info("cohort of %d generated in %.1fs", len(cohort), time.monotonic() - started)
+    data = build_tensors(cohort, pipelines, tasks)
+    prepared = Prepared(data, *split(data.n, settings.test_fraction, settings.seed))
+    if settings.real_cells and "cell_type_classification" in tasks:
+        prepared.real = real_cell_tensors(pipelines)
+        prepared.real_train, prepared.real_test = split(
+            prepared.real.n, settings.test_fraction, settings.seed
+        )
+    log.info("tensors ready in %.1fs", time.monotonic() - started)
+    return prepared
+
+
+def train(out: Path, settings: TrainSettings, config: ModelConfig) -> Bundle:
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+    started = time.monotonic()
+    all_pipelines = build_pipelines(config)
+    pipelines = {m: all_pipelines[m] for m in settings.modalities}
+    prep = prepare(settings, pipelines)
+    data, train_idx, test_idx, real = prep.data, prep.train_idx, prep.test_idx, prep.real
+    model = Model(all_pipelines, config)
+    trainable = [p for m in pipelines for p in model.encoders[m].parameters()]
+    trainable += list(model.task_models.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(train_idx) / settings.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, settings.lr, total_steps=settings.epochs * steps_per_epoch, pct_start=0.15
+    )
+    gen = torch.Generator().manual_seed(settings.seed)
+    model.train()
+    for epoch in range(settings.epochs):
+        order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        epoch_loss = 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            total = _step_loss(model, data, idx, settings, gen)
+            if real is not None:
+                pick = torch.randint(len(prep.real_train), (len(idx),), generator=gen)
+                ridx = prep.real_train[pick]
+                total = total + _step_loss(model, real, ridx, settings, gen)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            nn.utils.clip_grad_norm_(trainable, 2.0)
+            optimizer.step()
+            schedule.step()
+            epoch_loss += total.item()
+        log.info(
+            "epoch %d/%d loss %.3f (%.0fs)",
+            epoch + 1,
+            settings.epochs,
+            epoch_loss / steps_per_epoch,
+            time.monotonic() - started,
+        )
+    train_seconds = time.monotonic() - started
+
+    model.eval()
+    metrics = prep.evaluate(model)
+    info = {
+        "training": {
+            "data": f"synthetic cohort: {settings.patients} patients, seed {settings.seed}, "
+            f"{len(test_idx)} held out"
+            + (
+                f"; {REAL_CELLS}: {real.n} real cells, {len(prep.real_test)} held out"
+                if real is not None
+                else ""
+            ),
+            "settings": settings.model_dump(mode="json"),
+            "trained_tasks": list(data.tasks),
+            "trained_modalities": list(pipelines),
+            "seconds": round(train_seconds, 1),
+        },
+        "metrics": metrics,
+    }
+    encoders = {m: model.encoders[m].state_dict() for m in all_pipelines}
+    return save_bundle(out, config, encoders, model.task_models.state_dict(), info)
+
+
+def _step_loss(model: Model, data: CohortTensors, idx: Tensor, s: TrainSettings, gen) -> Tensor:
+    total = torch.zeros(())
+    for task in data.tasks.values():
+        present = modality_dropout(task, task.present[idx], s, gen)
+        raw = model.task_outputs(data, task, idx, present)
+        target = task.target[idx]
+        mask = None
+        if task.spec.output is OutputKind.PER_TOKEN:
+            target = target[:, : raw.shape[1]]
+            mask = target >= 0
+        total = total + loss(task.spec.output, raw, target, mask)
+    return total
+
+
+def train_default(out: Path, tasks: Sequence[str] | None = None) -> Bundle:
+    settings = TrainSettings() if tasks is None else TrainSettings(tasks=tuple(tasks))
+    return train(out, settings, ModelConfig())
+
+
+def evaluate_bundle(path: Path) -> dict:
+    """Re-create the bundle's held-out split from its recorded settings and evaluate it."""
+    bundle = load_bundle(path)
+    settings = TrainSettings.model_validate(bundle.manifest["training"]["settings"])
+    model = Model.from_bundle(bundle)
+    return prepare(settings, {m: model.pipelines[m] for m in settings.modalities}).evaluate(model)

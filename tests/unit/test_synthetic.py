@@ -1,0 +1,131 @@
+import warnings
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from multimed.models.catalog import CATALOG, CELL_TYPES, PBMC_GENES, OutputKind
+from multimed.models.data import synthetic as S
+from multimed.models.modalities.base import EEGRecord, GeneCounts
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return S.generate_cohort(300, seed=3)
+
+
+def _arrays(patient):
+    """Every array in a patient, flattened to (name, array) for comparisons."""
+    out = []
+    for m, v in patient.inputs.items():
+        if isinstance(v, EEGRecord):
+            v = v.data
+        elif isinstance(v, GeneCounts):
+            v = v.counts
+        out.append((m, np.asarray(v)))
+    out += [(t, np.asarray(y)) for t, y in patient.labels.items()]
+    return out
+
+
+def _same(a, b):
+    assert a.id == b.id and a.question == b.question and a.vqa_modality == b.vqa_modality
+    for (name, x), (_, y) in zip(_arrays(a), _arrays(b), strict=True):
+        assert np.array_equal(x, y), name
+
+
+def test_deterministic_and_independent_of_n():
+    five, ten = S.generate_cohort(5, seed=7), S.generate_cohort(10, seed=7)
+    for a, b in zip(five, ten[:5], strict=True):
+        _same(a, b)
+    _same(S.generate_cohort(1, seed=7)[0], five[0])
+    other = S.generate_cohort(1, seed=8)[0]
+    assert not np.array_equal(other.inputs["xray"], five[0].inputs["xray"])
+
+
+def test_shapes_dtypes_ranges(cohort):
+    for p in cohort[:20]:
+        x = p.inputs
+        assert isinstance(x["text"], str) and x["text"] and p.question.endswith("?")
+        for m, shape in (("xray", (1, 64, 64)), ("oct", (1, 64, 64)), ("pathology", (3, 64, 64))):
+            assert x[m].shape == shape and x[m].dtype == np.float32
+            assert x[m].min() >= 0 and x[m].max() <= 1
+        assert x["ct"].shape == x["mri"].shape == (16, 64, 64)
+        assert x["ct"].dtype == x["mri"].dtype == np.float32
+        assert x["ct"].min() >= -1100 and np.median(x["ct"]) > -160  # body fills the field
+        assert x["mri"].min() >= 0 and x["mri"].max() <= 1000
+        eeg = x["eeg"]
+        assert eeg.data.shape == (22, 1024) and eeg.data.dtype == np.float32
+        assert eeg.channels == S.EEG_CHANNELS and eeg.sample_rate_hz == 256.0
+        assert 2 < eeg.data.std() < 50  # microvolts
+        assert len(x["genomics"]) == 200 and set(x["genomics"]) <= set("ACGT")
+        counts = x["scrna"].counts
+        assert counts.shape == (len(PBMC_GENES),) and counts.dtype == np.float32
+        assert (counts >= 0).all() and np.array_equal(counts, np.round(counts))
+        assert 40 <= len(x["protein"]) <= 120 and set(x["protein"]) <= set("ACDEFGHIKLMNPQRSTVWY")
+        assert p.vqa_modality in S.VQA_MODALITIES
+
+
+def test_labels_in_range_and_every_class_present(cohort):
+    for tid, spec in CATALOG.tasks.items():
+        ys = [p.labels[tid] for p in cohort]
+        n = len(spec.labels)
+        if spec.output == OutputKind.MULTI_LABEL:
+            hot = np.array(ys)
+            assert hot.shape == (len(cohort), n) and set(np.unique(hot)) <= {0, 1}
+            assert (hot.mean(0) > 0.15).all() and (hot.mean(0) < 0.35).all()
+        elif spec.output == OutputKind.REGRESSION:
+            y = np.stack(ys)
+            assert y.shape == (len(cohort), n) and y.dtype == np.float32
+        elif spec.output == OutputKind.PER_TOKEN:
+            for p, y in zip(cohort, ys, strict=True):
+                assert y.dtype == np.int64 and len(y) == len(p.inputs["protein"])
+                assert y.min() >= 0 and y.max() < n
+        else:
+            assert set(ys) == set(range(n)), tid  # every class appears (and nothing else)
+
+
+def test_disease_pattern_agreement(cohort):
+    expected = S.P_SHOW + (1 - S.P_SHOW) / 4
+    truth = np.array([p.labels["disease_classification"] for p in cohort])
+    for m in ("xray", "ct", "mri"):
+        shown = np.array([p.latent["disease_shown"][m] for p in cohort])
+        assert abs((shown == truth).mean() - expected) < 0.08, m
+
+
+def test_vqa_answer_matches_question_and_lesion(cohort):
+    answers = CATALOG.task("medical_vqa").labels
+    for p in cohort:
+        answer, lesion = answers[p.labels["medical_vqa"]], p.latent["vqa_lesion"]
+        kind = p.latent["question_type"]
+        assert answer in (("yes", "no"), ("left", "right"), ("small", "large"))[kind]
+        assert lesion["present"] or answer == "no"
+
+
+def test_task_inputs_and_labels_json(cohort):
+    p = cohort[0]
+    vqa = S.task_inputs(p, "medical_vqa")
+    assert vqa["text"] == p.question and set(vqa) == {"text", p.vqa_modality}
+    assert set(S.task_inputs(p, "disease_classification")) == {"xray", "ct", "mri", "text"}
+    assert S.task_inputs(p, "disease_classification")["text"] == p.inputs["text"]
+    for tid in CATALOG.tasks:
+        CATALOG.task(tid).check_modalities(S.task_inputs(p, tid))
+    js = S.labels_json(p)
+    assert set(js) == set(CATALOG.tasks)
+    assert js["cell_type_classification"] in CELL_TYPES
+    assert len(js["protein_structure_prediction"]) == len(p.inputs["protein"])
+    assert all(isinstance(v, float) for v in js["expression_prediction"])
+
+
+def test_pbmc68k_real_cells():
+    import anndata
+
+    counts, labels = S.load_pbmc68k()
+    assert counts.shape == (700, len(PBMC_GENES)) and counts.dtype == np.float32
+    assert labels.dtype == np.int64 and set(labels) == set(range(len(CELL_TYPES)))
+    # the pseudo-counts log-normalise back to the ranks of the real log expression
+    with warnings.catch_warnings():  # old-format file
+        warnings.simplefilter("ignore")
+        raw = anndata.read_h5ad(S.pbmc68k_path()).raw.X.toarray()
+    lognorm = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    for i in (0, 100, 350, 699):
+        assert spearmanr(lognorm[i], raw[i]).statistic > 0.99
