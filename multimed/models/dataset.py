@@ -28,6 +28,7 @@ class TaskData:
     spec: TaskSpec
     sources: dict[str, str]  # modality -> key into CohortTensors.inputs
     present: Tensor  # [N, len(spec.accepted)] bool: the modality is in the task's request
+    available: Tensor  # [N, len(spec.accepted)] bool: the patient has it (training may use it)
     target: Tensor
 
 
@@ -91,9 +92,16 @@ def build_tensors(
             (field,) = fields or {"inputs"}
             task_sources[m] = source_key(m, field)
             sources[task_sources[m]] = (m, field)
-        present &= torch.tensor([m in pipelines for m in spec.accepted])
+        usable_mask = torch.tensor([m in pipelines for m in spec.accepted])
+        available = torch.tensor([[m in p.inputs for m in spec.accepted] for p in patients])
         labels = [p.labels[t] for p in patients]
-        task_data[t] = TaskData(spec, task_sources, present, _targets(spec, labels))
+        task_data[t] = TaskData(
+            spec,
+            task_sources,
+            present & usable_mask,
+            available & usable_mask,
+            _targets(spec, labels),
+        )
     inputs = {}
     for key, (m, field) in sources.items():
         decoded = [p.question if field == "question" else p.inputs[m] for p in patients]

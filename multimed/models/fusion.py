@@ -73,13 +73,14 @@ class EarlyFusion(Fusion):
 
 
 class AttentionFusion(Fusion):
-    """A small transformer over modality tokens (each tagged with a learned modality embedding)
-    and a summary token; absent modalities are excluded by the key padding mask."""
+    """A small transformer over modality tokens (each tagged with a learned modality embedding);
+    absent modalities are excluded by the key padding mask, and the present tokens' outputs are
+    averaged. Averaging token outputs, rather than reading a learned summary token, keeps each
+    modality's own embedding on the residual path to the result."""
 
     def __init__(self, modalities: Sequence[str], dim: int, layers: int = 1, heads: int = 4):
         super().__init__(modalities, dim)
         self.type_embedding = nn.Parameter(torch.randn(len(modalities), dim) * 0.02)
-        self.summary = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
             dim, heads, dim * 2, dropout=0.0, batch_first=True, norm_first=True
         )
@@ -89,9 +90,9 @@ class AttentionFusion(Fusion):
 
     def forward(self, embeddings, present):
         x, mask = self.stack(embeddings, present)
-        tokens = torch.cat([self.summary.expand(x.shape[0], -1, -1), x + self.type_embedding], 1)
-        keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], 1)
-        return self.norm(self.encoder(tokens, src_key_padding_mask=~keep)[:, 0])
+        out = self.encoder(x + self.type_embedding, src_key_padding_mask=~mask)
+        weights = mask.unsqueeze(-1).to(out.dtype)
+        return (out * weights).sum(1) / weights.sum(1)
 
 
 FUSIONS: dict[str, type[Fusion]] = {

@@ -43,6 +43,7 @@ MOTIFS = ("TATAAA", "CACGTG", "GGGCGG", "TGACTC", "GATAAG", "CCAATC", "AGGTCA", 
 P_SHOW = 0.6  # an imaging modality shows the true disease pattern, else a random class's
 P_SYMPTOM = 0.5  # the note names the true disease's symptom, else a random class's
 P_FINDING = 0.25
+CONTEXT_WEIGHT = 0.6  # cell type's share of expression; DNA motifs add 0 or 1 per panel gene
 VQA_MODALITIES = ("xray", "ct", "mri", "pathology")
 
 _LABELS = {tid: spec.labels for tid, spec in CATALOG.tasks.items()}
@@ -480,7 +481,9 @@ def generate_patient(index: int, seed: int = 0) -> Patient:
         "protein": protein,
     }
     _, context = _cell_model()
-    expression = np.array(z["motifs"]) + context[z["cell_type"]] + rng_seq.normal(0, 0.3, 8)
+    expression = (
+        np.array(z["motifs"]) + CONTEXT_WEIGHT * context[z["cell_type"]] + rng_seq.normal(0, 0.3, 8)
+    )
     les, qtype = z["vqa_lesion"], z["question_type"]
     answer = (
         ("yes" if les["present"] else "no", les["side"], "large" if les["large"] else "small")

@@ -108,9 +108,12 @@ class EEGPipeline(ModalityPipeline):
         window = round(s.window_s * s.sample_rate_hz)
         start = max(0, (data.shape[1] - window) // 2)  # centre crop
         data = data[:, start : start + window]
-        std = data.std(axis=1, keepdims=True)
-        data = (data - data.mean(axis=1, keepdims=True)) / np.where(std > 1e-6, std, 1.0)
-        pad = window - data.shape[1]  # centre zero-pad (zero = the channel mean after z-scoring)
+        # One scale for the whole recording: per-channel scaling would erase the relative
+        # channel power that motor imagery shows (mu desynchronisation over C3 / C4 / Cz).
+        data = data - data.mean(axis=1, keepdims=True)
+        std = float(data.std())
+        data = data / (std if std > 1e-6 else 1.0)
+        pad = window - data.shape[1]  # centre zero-pad (zero = the channel mean)
         data = np.pad(data, ((0, 0), (pad // 2, pad - pad // 2)))
         return {"signal": torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))}
 

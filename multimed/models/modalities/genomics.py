@@ -33,13 +33,14 @@ class GenomicsSettings(Frozen):
 class GenomicsEncoder(nn.Module):
     def __init__(self, channels: int, embed_dim: int):
         super().__init__()
-        # One-hot rows for A, C, G, T; N is uniform over the four bases; padding is all zero.
-        one_hot = torch.cat([torch.eye(4), torch.full((1, 4), 0.25), torch.zeros(1, 4)])
+        # Centred one-hot rows for A, C, G, T (each minus the uniform 0.25), so that N (uniform
+        # over the bases) and padding are both exactly zero: no evidence either way.
+        one_hot = torch.cat([torch.eye(4) - 0.25, torch.zeros(2, 4)])
         self.register_buffer("one_hot", one_hot, persistent=False)
         self.conv1 = nn.Conv1d(4, channels, kernel_size=9, padding=4)
         self.conv2 = nn.Conv1d(channels, channels, kernel_size=9, dilation=2, padding=8)
         self.token_proj = nn.Linear(channels, embed_dim)
-        self.pool_proj = nn.Linear(2 * channels, embed_dim)
+        self.pool_proj = nn.Linear(channels, embed_dim)
 
     def forward(self, batch: Batch) -> EncoderOutput:
         tokens, mask = batch["tokens"], batch["mask"]
@@ -47,12 +48,12 @@ class GenomicsEncoder(nn.Module):
         x = F.embedding(tokens, self.one_hot).transpose(1, 2)  # [B, 4, L]
         # Zero padded positions after each conv, so padding looks exactly like the conv's own
         # zero border and a sequence's outputs do not depend on what it was batched with.
-        h = F.gelu(self.conv1(x)) * keep
-        h = F.gelu(self.conv2(h)) * keep
-        mean = h.sum(-1) / keep.sum(-1).clamp(min=1)
-        peak = h.masked_fill(keep == 0, float("-inf")).amax(-1)
-        pooled = self.pool_proj(torch.cat([mean, peak], dim=-1))
-        return EncoderOutput(pooled, self.token_proj(h.transpose(1, 2)), mask)
+        motifs = F.gelu(self.conv1(x)) * keep
+        context = F.gelu(self.conv2(motifs)) * keep
+        # The sequence summary is whether each first-layer motif detector fired anywhere
+        # (DeepBind-style max pooling); pooling the deeper layer instead memorises sequences.
+        peak = motifs.masked_fill(keep == 0, float("-inf")).amax(-1)
+        return EncoderOutput(self.pool_proj(peak), self.token_proj(context.transpose(1, 2)), mask)
 
 
 class GenomicsPipeline(ModalityPipeline):

@@ -24,6 +24,7 @@ from multimed.models.modalities.base import (
 )
 
 MIN_SIDE = 8
+GRID = 4
 # ITU-R 601 luma, the weights Pillow's convert("L") uses, so DICOM and PNG agree.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _WIDTHS: dict[str, tuple[int, ...]] = {"tiny": (16, 32, 64, 64), "base": (32, 64, 128, 256)}
@@ -35,7 +36,8 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 class ConvEncoder(nn.Module):
-    """Four conv3x3 stride-2 blocks (BatchNorm, ReLU), global average pool, linear projection.
+    """Four conv3x3 stride-2 blocks (BatchNorm, ReLU), pooled to a 4x4 grid, linear projection.
+    The grid keeps where things are (left vs right, which region): global pooling would not.
     Reads batch[key]: [B, in_channels, H, W]."""
 
     def __init__(self, key: str, in_channels: int, size: EncoderSize, embed_dim: int):
@@ -49,8 +51,8 @@ class ConvEncoder(nn.Module):
                 nn.ReLU(inplace=True),
             ]
             in_channels = out_channels
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.proj = nn.Linear(in_channels, embed_dim)
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(GRID), nn.Flatten())
+        self.proj = nn.Linear(in_channels * GRID * GRID, embed_dim)
 
     def forward(self, batch: Batch) -> EncoderOutput:
         return EncoderOutput(pooled=self.proj(self.body(batch[self.key])))
