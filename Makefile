@@ -1,4 +1,4 @@
-# make run: set up, build the default bundle if none exists, and show its evaluation.
+# make run: set up, build the default bundle if none exists, and serve it over gRPC.
 # make test: set up and run the test suite. Both work from a clean clone on a fresh machine.
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +10,14 @@ export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
 
 .PHONY: install run test lint bundle clean
 
-install: $(VENV)/.installed
+PROTOS := $(wildcard protos/multimed/v1/*.proto)
+STUBS := multimed/v1/multimed_pb2.py
+
+install: $(VENV)/.installed $(STUBS)
+
+# Stubs are generated from protos/ (the source of truth), never edited or committed.
+$(STUBS): $(PROTOS) $(VENV)/.installed
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
 # torch first, pinned to the CPU build on disk, so the `torch>=` range pulls no CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -26,8 +33,9 @@ bundle: $(BUNDLE)/manifest.json
 $(BUNDLE)/manifest.json: | install
 	$(BIN)/multimed -v train --out $(BUNDLE)
 
+# Serves on 127.0.0.1:8001 (gRPC) and :8002 (/metrics) until Ctrl-C.
 run: install bundle
-	$(BIN)/multimed evaluate --bundle $(BUNDLE)
+	$(BIN)/multimed serve --config deploy/serve_config.yaml --bundle $(BUNDLE)
 
 test: install
 	$(BIN)/python -m pytest tests

@@ -14,12 +14,19 @@ class InputError(MultiMedError, ValueError):
         self.problem = problem
         super().__init__(f"{modality}: {problem}")
 
+    def __reduce__(self):  # errors cross process boundaries (Ray) by pickling
+        return type(self), (self.modality, self.problem)
+
 
 class UnknownTask(MultiMedError, KeyError):
     def __init__(self, task: str, known: tuple[str, ...]):
         self.task = task
+        self.known = known
         super().__init__(task)
         self.message = f"unknown task {task!r}; known tasks: {', '.join(known)}"
+
+    def __reduce__(self):
+        return type(self), (self.task, self.known)
 
     def __str__(self) -> str:
         return self.message
@@ -28,8 +35,12 @@ class UnknownTask(MultiMedError, KeyError):
 class UnknownModality(MultiMedError, KeyError):
     def __init__(self, modality: str, known: tuple[str, ...]):
         self.modality = modality
+        self.known = known
         super().__init__(modality)
         self.message = f"unknown modality {modality!r}; known modalities: {', '.join(known)}"
+
+    def __reduce__(self):
+        return type(self), (self.modality, self.known)
 
     def __str__(self) -> str:
         return self.message

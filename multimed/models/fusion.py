@@ -76,7 +76,8 @@ class AttentionFusion(Fusion):
     """A small transformer over modality tokens (each tagged with a learned modality embedding);
     absent modalities are excluded by the key padding mask, and the present tokens' outputs are
     averaged. Averaging token outputs, rather than reading a learned summary token, keeps each
-    modality's own embedding on the residual path to the result."""
+    modality's own embedding on the residual path to the result; a final LayerNorm was left out
+    because, measured, it kept weak modalities (genomics) from being learned at all."""
 
     def __init__(self, modalities: Sequence[str], dim: int, layers: int = 1, heads: int = 4):
         super().__init__(modalities, dim)
@@ -86,7 +87,6 @@ class AttentionFusion(Fusion):
         )
         # The nested-tensor fast path changes numerics with the padding; keep batch-invariant.
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
 
     def forward(self, embeddings, present):
         x, mask = self.stack(embeddings, present)

@@ -79,6 +79,72 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from multimed.services.config import load_serve_config
+    from multimed.services.gateway import GatewaySettings
+    from multimed.services.server import ServeOptions, serve_forever
+
+    config = load_serve_config(args.config)
+    if args.bundle is not None:
+        app = config.app.model_copy(
+            update={"args": config.app.args.model_copy(update={"bundle": str(args.bundle)})}
+        )
+        config = config.model_copy(update={"applications": [app]})
+    gateway = GatewaySettings(
+        host=args.host, port=args.port, auth_token=args.token, max_message_mb=args.max_message_mb
+    )
+    serve_forever(ServeOptions(config, gateway, args.metrics_port, args.ray_address))
+    return 0
+
+
+def _predict_inputs(args) -> dict[str, object]:
+    from multimed.models.catalog import CATALOG
+
+    inputs: dict[str, object] = {}
+    for m in CATALOG.modalities:
+        value = getattr(args, m)
+        if value is None:
+            continue
+        path = Path(value)
+        inputs[m] = (
+            value if m == "text" or (m in ("genomics", "protein") and not path.exists()) else path
+        )
+    return inputs
+
+
+def _predict(args) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from multimed.services.client import MultiMedClient
+
+    try:
+        with MultiMedClient(args.url, token=args.token) as client:
+            response = client.predict(
+                args.task, _predict_inputs(args), explain=args.explain, timeout=args.timeout
+            )
+    except grpc.RpcError as e:
+        print(f"multimed predict: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
+        return 0
+    print(f"task        {response.task}  (request {response.request_id})")
+    if response.tokens:
+        print("predicted   " + "".join(t.label for t in response.tokens))
+    else:
+        print(f"predicted   {', '.join(response.predicted) or '-'}")
+        for s in sorted(response.scores, key=lambda s: -s.score)[:5]:
+            print(f"            {s.label:36s} {s.score:.3f}")
+    print(f"used        {', '.join(response.modalities_used)}")
+    if response.modalities_missing:
+        print(f"missing     {', '.join(response.modalities_missing)}")
+    for m, c in response.contributions.items():
+        print(f"contrib     {m:10s} {c:.3f}")
+    print(f"bundle      {response.bundle_version}   server {response.timing.server_ms:.1f} ms")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimed", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -109,6 +175,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("serve", help="serve the model over gRPC (embedded local Ray)")
+    p.add_argument("--config", type=Path, help="Ray Serve config (deploy/serve_config.yaml)")
+    p.add_argument("--bundle", type=Path, help="bundle directory (default: the config's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--max-message-mb", type=float, default=64)
+    p.add_argument("--token", help="require this bearer token (default: no auth)")
+    p.add_argument("--ray-address", help="join a running Ray cluster ('auto') instead")
+    p.set_defaults(func=_serve)
+
+    from multimed.models.catalog import CATALOG
+
+    p = sub.add_parser("predict", help="ask a running server for one task")
+    p.add_argument("--task", required=True)
+    p.add_argument("--url", default="127.0.0.1:8001")
+    p.add_argument("--token")
+    p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--explain", action="store_true", help="per-modality contributions")
+    p.add_argument("--json", action="store_true")
+    for m in CATALOG.modalities:
+        what = "text" if m == "text" else "file (a DICOM series: its directory)"
+        if m in ("genomics", "protein"):
+            what = "FASTA file or raw sequence"
+        p.add_argument(f"--{m}", metavar="VALUE", help=f"{m} input: {what}")
+    p.set_defaults(func=_predict)
     return parser
 
 

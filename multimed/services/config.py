@@ -1,0 +1,103 @@
+"""Serving configuration, typed at the edge. `deploy/serve_config.yaml` is a Ray Serve config
+(`serve deploy` accepts it on a cluster); `multimed serve` validates it here first, so a wrong key
+is a clear error rather than a silently ignored one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from multimed.models.catalog import CATALOG
+
+ROUTER = "router"
+
+
+def encoder_deployment(modality: str) -> str:
+    return f"encoder-{modality}"
+
+
+DEPLOYMENT_NAMES = (ROUTER, *(encoder_deployment(m) for m in CATALOG.modalities))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchConfig(Strict):
+    """An encoder's dynamic batching (its Ray Serve `user_config`; changeable live)."""
+
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000)
+    torch_threads: int = Field(1, ge=1, le=256)
+
+
+class AppArgs(Strict):
+    """Arguments of the application builder (`multimed.services.app:build_app`)."""
+
+    bundle: str = "artifacts/default-bundle"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the replica has a GPU
+    cache_entries: int = Field(4096, ge=0)  # router's embedding cache; 0 disables it
+    encoder_timeout_s: float = Field(30.0, gt=0)
+
+
+class DeploymentConfig(Strict):
+    """The per-deployment options we let operators set (a subset of Ray Serve's)."""
+
+    name: str
+    num_replicas: int | Literal["auto"] | None = None
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = Field(None, ge=-1)
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] | None = None
+    user_config: BatchConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in DEPLOYMENT_NAMES:
+            raise ValueError(f"unknown deployment {name!r}; known: {', '.join(DEPLOYMENT_NAMES)}")
+        return name
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options()`."""
+        return self.model_dump(exclude_none=True, exclude={"name"})
+
+
+class ApplicationConfig(Strict):
+    name: str = "multimed"
+    route_prefix: str | None = None
+    import_path: Literal["multimed.services.app:build_app"] = "multimed.services.app:build_app"
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    args: AppArgs = AppArgs()
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        return next((d.options() for d in self.deployments if d.name == name), {})
+
+
+class ServeConfigFile(Strict):
+    """The subset of Ray Serve's multi-application config that this product uses."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    proxy_location: str | None = None
+    http_options: dict[str, Any] | None = None
+    applications: list[ApplicationConfig] = Field(min_length=1, max_length=1)
+
+    @property
+    def app(self) -> ApplicationConfig:
+        return self.applications[0]
+
+
+def load_serve_config(path: str | Path | None) -> ServeConfigFile:
+    if path is None:
+        return ServeConfigFile(applications=[ApplicationConfig()])
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        return ServeConfigFile.model_validate(raw)
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"serve config {path}: {e}") from None
+    except ValidationError as e:
+        raise ValueError(f"serve config {path} is invalid:\n{e}") from None

@@ -1,0 +1,236 @@
+"""The gRPC gateway: a grpc.aio server for multimed.v1 with grpc.health.v1 and reflection.
+Request ids, deadlines, auth, size limits and metrics live here; it converts wire messages at the
+edge and holds no state, so any number can run."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import Field
+from ray.serve.handle import DeploymentHandle
+
+from multimed.services import convert, metrics
+from multimed.services.config import Strict
+from multimed.services.errors import to_status
+from multimed.services.types import PredictCall
+from multimed.v1 import multimed_pb2 as pb
+from multimed.v1 import multimed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("multimed.gateway")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["MultiMed"].full_name
+REQUEST_ID = "x-request-id"
+UNAUTHENTICATED_OK = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class GatewaySettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)  # 0: any free port
+    max_message_mb: float = Field(64, gt=0)
+    max_in_flight: int = Field(1024, ge=1)  # past this, RESOURCE_EXHAUSTED instead of queueing
+    default_timeout_s: float = Field(60, gt=0)  # for calls without a deadline
+    auth_token: str | None = None  # when set, calls need "authorization: Bearer <token>"
+
+
+def _request_id(request_id: str, context: grpc.aio.ServicerContext) -> str:
+    if request_id:
+        return request_id
+    sent = dict(context.invocation_metadata() or ()).get(REQUEST_ID)
+    return sent or uuid.uuid4().hex
+
+
+class MultiMedService(pb_grpc.MultiMedServicer):
+    def __init__(self, router: DeploymentHandle, manifest: dict, settings: GatewaySettings):
+        self.router = router
+        self.manifest = manifest
+        self.settings = settings
+        self.in_flight = 0
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self.settings.default_timeout_s
+        return min(remaining, self.settings.default_timeout_s)
+
+    async def _serve(
+        self, method: str, task: str, request_id: str, context, work: Callable[[float], Awaitable]
+    ):
+        """Run one call: admission, deadline, metrics, logging and the error mapping."""
+        await context.send_initial_metadata(((REQUEST_ID, request_id),))
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        metrics.IN_FLIGHT.labels(method).inc()
+        self.in_flight += 1
+        try:
+            if self.in_flight > self.settings.max_in_flight:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                message = f"server overloaded: {self.in_flight - 1} requests in flight; retry later"
+            else:
+                timeout = self._timeout(context)
+                try:
+                    return await asyncio.wait_for(work(time.time() + timeout), timeout)
+                except Exception as error:
+                    code, message = to_status(error)
+                    if code is grpc.StatusCode.INTERNAL:
+                        log.exception("id=%s %s task=%s failed", request_id, method, task)
+        finally:
+            self.in_flight -= 1
+            metrics.IN_FLIGHT.labels(method).dec()
+            elapsed = time.perf_counter() - started
+            metrics.REQUESTS.labels(method, task, code.name).inc()
+            metrics.LATENCY.labels(method, task).observe(elapsed)
+            log.info(
+                "id=%s %s task=%s code=%s ms=%.1f",
+                request_id,
+                method,
+                task,
+                code.name,
+                elapsed * 1000,
+            )
+        await context.abort(code, message)
+
+    async def _predict(self, request: pb.PredictRequest, request_id: str, deadline: float):
+        started = time.perf_counter()
+        call = PredictCall(
+            request_id=request_id,
+            task=request.task,
+            inputs=tuple(convert.input_from_wire(i) for i in request.inputs),
+            explain=request.explain,
+            deadline=deadline,
+        )
+        result = await self.router.predict.remote(call)
+        for modality, e in result.encoders.items():
+            hit = e.batch_size == 0
+            metrics.CACHE.labels(modality, "hit" if hit else "miss").inc()
+            if not hit:
+                metrics.BATCH_SIZE.labels(modality).observe(e.batch_size)
+                metrics.ENCODER_QUEUE.labels(modality).set(e.queue_depth)
+        return convert.result_to_wire(result, (time.perf_counter() - started) * 1000)
+
+    async def Predict(self, request, context):
+        request_id = _request_id(request.request_id, context)
+        return await self._serve(
+            "Predict",
+            request.task,
+            request_id,
+            context,
+            lambda deadline: self._predict(request, request_id, deadline),
+        )
+
+    async def PredictStream(self, request_iterator, context):
+        """Requests run concurrently; each response goes out when ready, matched by id."""
+        done: asyncio.Queue = asyncio.Queue()
+        timeout = self._timeout(context)
+
+        async def one(request: pb.PredictRequest):
+            request_id = request.request_id or uuid.uuid4().hex
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                response = await asyncio.wait_for(
+                    self._predict(request, request_id, time.time() + timeout), timeout
+                )
+            except Exception as error:
+                code, message = to_status(error)
+                response = pb.PredictResponse(
+                    request_id=request_id,
+                    task=request.task,
+                    error=pb.Error(code=code.value[0], message=message),
+                )
+            metrics.REQUESTS.labels("PredictStream", request.task, code.name).inc()
+            metrics.LATENCY.labels("PredictStream", request.task).observe(
+                time.perf_counter() - started
+            )
+            await done.put(response)
+
+        async def read():
+            running = [asyncio.create_task(one(r)) async for r in request_iterator]
+            await asyncio.gather(*running)
+            await done.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await done.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+
+    async def Embed(self, request, context):
+        request_id = _request_id(request.request_id, context)
+
+        async def work(deadline: float):
+            raw = convert.input_from_wire(request.input)
+            e = await self.router.embed.remote(raw, deadline)
+            return convert.embedding_to_wire(request_id, raw.modality, e, self.manifest["version"])
+
+        return await self._serve("Embed", "", request_id, context, work)
+
+    async def GetCatalog(self, request, context):
+        return convert.catalog_to_wire()
+
+    async def GetModelInfo(self, request, context):
+        return convert.model_info_to_wire(self.manifest)
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Bearer-token check on every method but health and reflection."""
+
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(UNAUTHENTICATED_OK):
+            return handler
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(sent.encode(), self.expected):
+            return handler
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        async def deny_stream(request_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+            yield  # pragma: no cover - makes this an async generator for streaming handlers
+
+        kind = (handler.request_streaming, handler.response_streaming)
+        make = {
+            (False, False): (grpc.unary_unary_rpc_method_handler, deny),
+            (True, False): (grpc.stream_unary_rpc_method_handler, deny),
+            (False, True): (grpc.unary_stream_rpc_method_handler, deny_stream),
+            (True, True): (grpc.stream_stream_rpc_method_handler, deny_stream),
+        }[kind]
+        return make[0](make[1], handler.request_deserializer, handler.response_serializer)
+
+
+async def start_gateway(
+    router: DeploymentHandle, manifest: dict, settings: GatewaySettings
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    limit = int(settings.max_message_mb * 1024 * 1024)
+    server = grpc.aio.server(
+        interceptors=[TokenAuth(settings.auth_token)] if settings.auth_token else None,
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 1),
+        ],
+    )
+    pb_grpc.add_MultiMedServicer_to_server(MultiMedService(router, manifest, settings), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer

@@ -1,0 +1,44 @@
+"""Protocol-free request and result types: what the gateway converts wire messages into, and what
+the router and encoders pass between them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from multimed.models.heads import Prediction
+from multimed.models.modalities.base import RawInput
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One item's encoder output, plus how it was computed (for metrics)."""
+
+    pooled: np.ndarray  # [D]
+    tokens: np.ndarray | None = None  # [L, D]
+    batch_size: int = 1  # size of the encoder batch it ran in; 0 when served from the cache
+    queue_depth: int = 0  # requests waiting at the encoder when it was batched
+
+
+@dataclass(frozen=True)
+class PredictCall:
+    request_id: str
+    task: str
+    inputs: tuple[RawInput, ...]
+    explain: bool = False
+    deadline: float | None = None  # absolute time.time() by which the answer is useless
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    request_id: str
+    task: str
+    prediction: Prediction
+    used: tuple[str, ...]
+    missing: tuple[str, ...]
+    bundle_version: str
+    encode_ms: float
+    fuse_ms: float
+    contributions: dict[str, float] = field(default_factory=dict)
+    encoders: dict[str, Embedding] = field(default_factory=dict)  # per modality, for metrics
