@@ -31,6 +31,7 @@ class Encoder:
         self.pipeline = build_pipeline(modality, loaded.config)
         self.pipeline.setup(pick_device(device), loaded.encoder_state(modality))
         self.waiting = 0
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.reconfigure(BatchConfig().model_dump())
         log.info(
             "encoder %s ready on %s (bundle %s)",
@@ -62,14 +63,6 @@ class Encoder:
         results = []
         for item in self.pipeline.unbatch(out):
             tokens = None if item.tokens is None else item.tokens[0].float().cpu().numpy()
-            results.append(
-                Embedding(item.pooled[0].float().cpu().numpy(), tokens, len(items), depth)
-            )
+            pooled = item.pooled[0].float().cpu().numpy()
+            results.append(Embedding(pooled, tokens, len(items), depth, self.replica))
         return results
-
-    def info(self) -> dict:
-        return {
-            "modality": self.modality,
-            "bundle_version": self.bundle_version,
-            "device": str(self.pipeline.device),
-        }

@@ -111,6 +111,7 @@ class MultiMedService(pb_grpc.MultiMedServicer):
             hit = e.batch_size == 0
             metrics.CACHE.labels(modality, "hit" if hit else "miss").inc()
             if not hit:
+                metrics.ENCODED.labels(modality, e.replica).inc()
                 metrics.BATCH_SIZE.labels(modality).observe(e.batch_size)
                 metrics.ENCODER_QUEUE.labels(modality).set(e.queue_depth)
         return convert.result_to_wire(result, (time.perf_counter() - started) * 1000)

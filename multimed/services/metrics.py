@@ -39,6 +39,12 @@ ENCODER_QUEUE = Gauge(
     ["modality"],
     registry=REGISTRY,
 )
+ENCODED = Counter(
+    "multimed_encoder_items",
+    "Inputs encoded, by modality and encoder replica",
+    ["modality", "replica"],
+    registry=REGISTRY,
+)
 CACHE = Counter(
     "multimed_embedding_cache",
     "Router embedding cache lookups",

@@ -154,9 +154,6 @@ class Router:
             out[m] = float(np.abs(base - scores).mean())
         return out
 
-    def info(self) -> dict:
-        return {"bundle_version": self.bundle_version, "manifest": self.manifest}
-
 
 def _as_output(e: Embedding) -> EncoderOutput:
     tokens = mask = None

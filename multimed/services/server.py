@@ -72,9 +72,9 @@ async def run(options: ServeOptions, ready: asyncio.Event | None = None) -> None
     try:
         serve.start(proxy_location="Disabled")  # our gateway is the only front door
         # Deploying blocks until every replica is up; in a thread, so Ctrl-C still works.
-        deploying = asyncio.ensure_future(asyncio.to_thread(
-            serve.run, build(app_config), name=app_config.name, route_prefix=None
-        ))
+        deploying = asyncio.ensure_future(
+            asyncio.to_thread(serve.run, build(app_config), name=app_config.name, route_prefix=None)
+        )
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait((deploying, stopping), return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():

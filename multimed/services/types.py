@@ -19,6 +19,7 @@ class Embedding:
     tokens: np.ndarray | None = None  # [L, D]
     batch_size: int = 1  # size of the encoder batch it ran in; 0 when served from the cache
     queue_depth: int = 0  # requests waiting at the encoder when it was batched
+    replica: str = ""  # the encoder replica that computed it
 
 
 @dataclass(frozen=True)

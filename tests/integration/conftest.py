@@ -1,0 +1,136 @@
+"""One real server for the whole session: `multimed serve` in a subprocess (its own local Ray, the
+ten encoders, the router, the gateway), on loopback ports, with X-ray at two replicas. Stopped by
+pid with SIGINT, as an operator's Ctrl-C would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from multimed.models.config import ModelConfig
+from multimed.models.data.files import write_cohort
+from multimed.models.train import TrainSettings, train
+from multimed.services.client import MultiMedClient
+
+TOKEN = "integration-secret"
+MAX_MESSAGE_MB = 4
+START_TIMEOUT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    metrics_url: str
+    bundle: Path
+    cohort: Path
+    process: subprocess.Popen
+    token: str = TOKEN
+    max_message_mb: float = MAX_MESSAGE_MB
+
+    def client(self) -> MultiMedClient:
+        return MultiMedClient(self.url, token=self.token)
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "serving"
+    train(out, TrainSettings(patients=60, epochs=1, real_cells=False), ModelConfig())
+    return out
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cohort")
+    write_cohort(out, 3, seed=11)
+    return out
+
+
+def _serve_config(path: Path, bundle: Path) -> Path:
+    config = yaml.safe_load(Path("deploy/serve_config.yaml").read_text())
+    app = config["applications"][0]
+    app["args"]["bundle"] = str(bundle)
+    for d in app["deployments"]:
+        if d["name"] == "encoder-xray":
+            d["num_replicas"] = 2
+            d["user_config"] = {"max_batch_size": 8, "batch_wait_ms": 5, "torch_threads": 1}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _wait_serving(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with grpc.insecure_channel(url) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"multimed serve exited:\n{log.read_text()[-3000:]}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(1)
+    raise TimeoutError(f"server not serving after {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, bundle, cohort) -> Server:
+    work = tmp_path_factory.mktemp("server")
+    port, metrics_port = free_port(), free_port()
+    log = work / "serve.log"
+    command = [
+        sys.executable,
+        "-m",
+        "multimed.services.cli",
+        "-v",
+        "serve",
+        "--config",
+        str(_serve_config(work / "serve_config.yaml", bundle)),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--token",
+        TOKEN,
+        "--max-message-mb",
+        str(MAX_MESSAGE_MB),
+    ]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    url = f"127.0.0.1:{port}"
+    try:
+        _wait_serving(url, process, log)
+        yield Server(url, f"http://127.0.0.1:{metrics_port}/metrics", bundle, cohort, process)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its Ray
+            process.wait()
