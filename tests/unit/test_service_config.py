@@ -1,0 +1,92 @@
+"""Serving's edges that need no running server: config validation, the error mapping, and the
+wire conversion."""
+
+import grpc
+import numpy as np
+import pytest
+
+from multimed.models import errors
+from multimed.models.catalog import InputForm
+from multimed.models.modalities.base import RawInput
+from multimed.services.config import load_serve_config
+from multimed.services.convert import input_from_wire, input_to_wire
+from multimed.services.errors import STATUS, to_status
+from multimed.v1 import multimed_pb2 as pb
+
+
+def test_shipped_serve_config_is_valid():
+    config = load_serve_config("deploy/serve_config.yaml")
+    assert config.app.import_path == "multimed.services.app:build_app"
+    assert config.app.deployment("encoder-xray")["user_config"]["max_batch_size"] == 32
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("applications: [{args: {bundel: x}}]", "bundel"),
+        ("applications: [{deployments: [{name: encoder-smell}]}]", "unknown deployment"),
+        ("applications: [{deployments: [{name: encoder-xray, num_replica: 2}]}]", "num_replica"),
+        (
+            "applications: [{deployments: [{name: encoder-xray, user_config: {max_batch: 2}}]}]",
+            "max_batch",
+        ),
+    ],
+)
+def test_a_wrong_key_is_a_clear_error(tmp_path, text, complaint):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=complaint):
+        load_serve_config(path)
+
+
+def test_every_domain_error_is_mapped_and_none_is_unknown():
+    mapped = {cls for cls, _ in STATUS}
+    domain = {
+        c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.MultiMedError)
+    }
+    assert domain - {errors.MultiMedError} <= mapped
+    code, message = to_status(errors.InputError("eeg", "missing channels: C3"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message == "eeg: missing channels: C3"
+    assert to_status(RuntimeError("boom"))[0] == grpc.StatusCode.INTERNAL
+
+
+def test_domain_errors_survive_pickling():
+    import pickle
+
+    for error in (
+        errors.InputError("ct", "corrupt DICOM"),
+        errors.UnknownTask("x", ("a", "b")),
+        errors.UnknownModality("y", ("a",)),
+    ):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        RawInput("text", InputForm.TEXT, "chest pain"),
+        RawInput("xray", InputForm.DICOM, b"\x00DICM"),
+        RawInput("ct", InputForm.DICOM_SERIES, [b"a", b"b"]),
+        RawInput("scrna", InputForm.GENE_COUNTS, {"CD3E": 4.0}),
+        RawInput("eeg", InputForm.TENSOR, np.arange(6, dtype=np.float32).reshape(2, 3)),
+    ],
+)
+def test_inputs_round_trip_the_wire(raw):
+    back = input_from_wire(pb.ModalityInput.FromString(input_to_wire(raw).SerializeToString()))
+    assert back.modality == raw.modality and back.form == raw.form
+    if isinstance(raw.data, np.ndarray):
+        assert np.array_equal(back.data, raw.data)
+    else:
+        assert back.data == raw.data
+
+
+def test_tensor_with_wrong_byte_count_is_refused():
+    item = pb.ModalityInput(
+        modality="xray",
+        tensor=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 4, 4], data=b"\x00" * 10),
+    )
+    with pytest.raises(errors.InputError, match="xray: tensor of shape"):
+        input_from_wire(item)
