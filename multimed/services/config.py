@@ -30,7 +30,7 @@ class BatchConfig(Strict):
     """An encoder's dynamic batching (its Ray Serve `user_config`; changeable live)."""
 
     max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_ms: float = Field(5.0, ge=0, le=1000)
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
     torch_threads: int = Field(1, ge=1, le=256)
 
 

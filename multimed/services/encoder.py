@@ -3,12 +3,14 @@ arrival (a bad item fails alone), then batch the model-ready tensors and run the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import torch
 from ray import serve
 
 from multimed.models.bundle import load_bundle
+from multimed.models.errors import InputError
 from multimed.models.modalities.base import Batch, RawInput
 from multimed.models.modalities.registry import build_pipeline
 from multimed.services.config import BatchConfig
@@ -46,15 +48,24 @@ class Encoder:
         self.run_batch.set_max_batch_size(config.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
 
-    async def encode(self, raw: RawInput) -> Embedding:
-        if raw.modality != self.modality:
-            raise ValueError(f"encoder-{self.modality} was sent a {raw.modality} input")
-        item = self.pipeline.prepare(raw)  # raises InputError for this caller only
-        self.waiting += 1
+    async def encode_many(self, raws: list[RawInput]) -> list[Embedding | InputError]:
+        """Decode and validate each input alone (a bad one answers with its error), then run the
+        valid ones through the dynamic batcher, which also merges concurrent callers."""
+        prepared: list[Batch | InputError] = []
+        for raw in raws:
+            try:
+                if raw.modality != self.modality:
+                    raise InputError(raw.modality, f"sent to the {self.modality} encoder")
+                prepared.append(self.pipeline.prepare(raw))
+            except InputError as error:
+                prepared.append(error)
+        valid = [p for p in prepared if not isinstance(p, InputError)]
+        self.waiting += len(valid)
         try:
-            return await self.run_batch(item)
+            encoded = iter(await asyncio.gather(*(self.run_batch(p) for p in valid)))
         finally:
-            self.waiting -= 1
+            self.waiting -= len(valid)
+        return [p if isinstance(p, InputError) else next(encoded) for p in prepared]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def run_batch(self, items: list[Batch]) -> list[Embedding]:

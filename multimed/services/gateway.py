@@ -38,6 +38,8 @@ class GatewaySettings(Strict):
     max_in_flight: int = Field(1024, ge=1)  # past this, RESOURCE_EXHAUSTED instead of queueing
     default_timeout_s: float = Field(60, gt=0)  # for calls without a deadline
     auth_token: str | None = None  # when set, calls need "authorization: Bearer <token>"
+    coalesce_max: int = Field(64, ge=1)  # Predict calls per router call
+    coalesce_slots: int = Field(2, ge=1)  # router calls in flight at once
 
 
 def _request_id(request_id: str, context: grpc.aio.ServicerContext) -> str:
@@ -47,9 +49,55 @@ def _request_id(request_id: str, context: grpc.aio.ServicerContext) -> str:
     return sent or uuid.uuid4().hex
 
 
+class Coalescer:
+    """Sends every Predict call waiting when a slot frees as one router call. There is no fixed
+    wait: an idle server sends a lone call at once, and while `slots` batches are in flight new
+    calls gather for the next one, so transport overlaps with compute."""
+
+    def __init__(self, router: DeploymentHandle, max_batch: int, slots: int):
+        self.router = router
+        self.max_batch = max_batch
+        self.slots = slots
+        self.waiting: list[tuple[PredictCall, asyncio.Future]] = []
+        self.sending: set[asyncio.Future] = set()
+        self.busy = 0
+
+    async def submit(self, call: PredictCall):
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((call, future))
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        while self.waiting and self.busy < self.slots:
+            batch = self.waiting[: self.max_batch]
+            del self.waiting[: self.max_batch]
+            self.busy += 1
+            task = asyncio.ensure_future(self._send(batch))
+            self.sending.add(task)  # held until done, so it is not garbage-collected mid-flight
+            task.add_done_callback(self.sending.discard)
+
+    async def _send(self, batch: list[tuple[PredictCall, asyncio.Future]]) -> None:
+        try:
+            results = await self.router.predict_many.remote([call for call, _ in batch])
+        except Exception as error:  # the whole router call failed
+            results = [error] * len(batch)
+        finally:
+            self.busy -= 1
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller gave up (deadline, cancellation)
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        self._dispatch()
+
+
 class MultiMedService(pb_grpc.MultiMedServicer):
     def __init__(self, router: DeploymentHandle, manifest: dict, settings: GatewaySettings):
         self.router = router
+        self.coalescer = Coalescer(router, settings.coalesce_max, settings.coalesce_slots)
         self.manifest = manifest
         self.settings = settings
         self.in_flight = 0
@@ -106,7 +154,7 @@ class MultiMedService(pb_grpc.MultiMedServicer):
             explain=request.explain,
             deadline=deadline,
         )
-        result = await self.router.predict.remote(call)
+        result = await self.coalescer.submit(call)
         for modality, e in result.encoders.items():
             hit = e.batch_size == 0
             metrics.CACHE.labels(modality, "hit" if hit else "miss").inc()

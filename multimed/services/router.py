@@ -11,6 +11,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from multimed.models.bundle import load_bundle
 from multimed.models.catalog import CATALOG
-from multimed.models.errors import InputError, MissingModality
+from multimed.models.errors import InputError, MissingModality, MultiMedError
 from multimed.models.heads import Prediction
 from multimed.models.modalities.base import EncoderOutput, RawInput
 from multimed.models.tasks import TaskModels
@@ -88,52 +89,116 @@ class Router:
 
     async def embed(self, raw: RawInput, deadline: float | None = None) -> Embedding:
         CATALOG.modality(raw.modality)
-        key = (self.bundle_version, content_key(raw))
-        hit = self.cache.get(key)
-        if hit is not None:
-            return Embedding(hit.pooled, hit.tokens, batch_size=0)
+        key = content_key(raw)
+        result = (await self._encode({raw.modality: {key: raw}}, deadline))[key]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def predict_many(self, calls: list[PredictCall]) -> list[PredictResult | Exception]:
+        """Calls coalesced by the gateway: one encoder call per modality for the whole batch and
+        one fusion pass per (task, modalities) group. A failing call fails alone."""
+        started = time.perf_counter()
+        checked = [_checked_inputs(call) for call in calls]
+        wanted: dict[str, dict[str, RawInput]] = {}
+        for inputs in checked:
+            if not isinstance(inputs, Exception):
+                for m, (key, raw) in inputs.items():
+                    wanted.setdefault(m, {})[key] = raw
+        deadlines = [c.deadline for c in calls if c.deadline is not None]
+        encoded = await self._encode(wanted, min(deadlines) if deadlines else None)
+        encoded_at = time.perf_counter()
+
+        results: list[PredictResult | Exception] = list(checked)  # errors stay in place
+        groups: dict[tuple, list[int]] = {}
+        for i, inputs in enumerate(checked):
+            if isinstance(inputs, Exception):
+                continue
+            embeddings = {m: encoded[key] for m, (key, _) in inputs.items()}
+            error = next((e for e in embeddings.values() if isinstance(e, Exception)), None)
+            results[i] = error if error is not None else embeddings
+            if error is None:
+                group = (calls[i].task, tuple(sorted(embeddings)), calls[i].explain)
+                groups.setdefault(group, []).append(i)
+        for (task, _, explain), members in groups.items():
+            predictions = self._fuse(task, [results[i] for i in members], explain)
+            fused_at = time.perf_counter()
+            for i, (prediction, contributions) in zip(members, predictions, strict=True):
+                results[i] = self._result(
+                    calls[i],
+                    results[i],
+                    prediction,
+                    contributions,
+                    (encoded_at - started) * 1000,
+                    (fused_at - encoded_at) * 1000,
+                )
+        return results
+
+    async def _encode(
+        self, wanted: dict[str, dict[str, RawInput]], deadline: float | None
+    ) -> dict[str, Embedding | Exception]:
+        """Content key -> embedding (or that input's error): cache first, then one call per
+        encoder for all its misses, all encoders at once."""
+        out: dict[str, Embedding | Exception] = {}
+        misses: dict[str, list[tuple[str, RawInput]]] = {}
+        for m, items in wanted.items():
+            for key, raw in items.items():
+                hit = self.cache.get((self.bundle_version, key))
+                if hit is None:
+                    misses.setdefault(m, []).append((key, raw))
+                else:
+                    out[key] = replace(hit, batch_size=0)
+        if not misses:
+            return out
         timeout = self.encoder_timeout_s
         if deadline is not None:
             timeout = min(timeout, max(deadline - time.time(), 0.001))
-        response = self.encoders[raw.modality].encode.remote(raw)
+        calls = {
+            m: self.encoders[m].encode_many.remote([raw for _, raw in items])
+            for m, items in misses.items()
+        }
         try:
-            result = await asyncio.wait_for(response, timeout)
+            answers = await asyncio.wait_for(asyncio.gather(*calls.values()), timeout)
         except TimeoutError:
-            response.cancel()
+            for response in calls.values():
+                response.cancel()
             raise
-        self.cache.put(key, result)
-        return result
+        for items, results in zip(misses.values(), answers, strict=True):
+            for (key, _), result in zip(items, results, strict=True):
+                out[key] = result
+                if not isinstance(result, Exception):
+                    self.cache.put((self.bundle_version, key), result)
+        return out
 
-    async def predict(self, call: PredictCall) -> PredictResult:
+    def _fuse(self, task: str, members: list[dict[str, Embedding]], explain: bool):
+        """One fusion pass for calls with the same task and modalities (per call when the
+        task labels tokens, whose lengths differ, or when contributions were asked for)."""
+        spec = CATALOG.task(task)
+        if spec.token_modality is not None or explain:
+            out = []
+            for embeddings in members:
+                outputs = {m: _as_output(e) for m, e in embeddings.items()}
+                prediction = self.tasks.predict(task, outputs)[0]
+                contributions = self._contributions(task, outputs, prediction) if explain else {}
+                out.append((prediction, contributions))
+            return out
+        outputs = {
+            m: EncoderOutput(torch.from_numpy(np.stack([e[m].pooled for e in members])))
+            for m in members[0]
+        }
+        return [(p, {}) for p in self.tasks.predict(task, outputs)]
+
+    def _result(self, call, embeddings, prediction, contributions, encode_ms, fuse_ms):
         spec = CATALOG.task(call.task)
-        by_modality: dict[str, RawInput] = {}
-        for raw in call.inputs:
-            CATALOG.modality(raw.modality)
-            if raw.modality in by_modality:
-                raise InputError(raw.modality, "sent more than once in one request")
-            by_modality[raw.modality] = raw
-        spec.check_modalities(by_modality)
-
-        started = time.perf_counter()
-        results = await asyncio.gather(
-            *(self.embed(raw, call.deadline) for raw in by_modality.values())
-        )
-        embeddings = dict(zip(by_modality, results, strict=True))
-        encoded = time.perf_counter()
-        outputs = {m: _as_output(e) for m, e in embeddings.items()}
-        prediction = self.tasks.predict(call.task, outputs)[0]
-        contributions = self._contributions(call.task, outputs, prediction) if call.explain else {}
-        fused = time.perf_counter()
-        used = tuple(m for m in spec.accepted if m in embeddings)
         return PredictResult(
             request_id=call.request_id,
             task=call.task,
             prediction=prediction,
-            used=used,
+            used=tuple(m for m in spec.accepted if m in embeddings),
             missing=tuple(m for m in spec.accepted if m not in embeddings),
             bundle_version=self.bundle_version,
-            encode_ms=(encoded - started) * 1000,
-            fuse_ms=(fused - encoded) * 1000,
+            encode_ms=encode_ms,
+            fuse_ms=fuse_ms,
             contributions=contributions,
             encoders=embeddings,
         )
@@ -153,6 +218,22 @@ class Router:
             scores = np.asarray(self.tasks.predict(task, rest)[0].scores, dtype=np.float64)
             out[m] = float(np.abs(base - scores).mean())
         return out
+
+
+def _checked_inputs(call: PredictCall) -> dict[str, tuple[str, RawInput]] | MultiMedError:
+    """The call's inputs by modality, keyed by content, or why the call cannot be answered."""
+    try:
+        spec = CATALOG.task(call.task)
+        inputs: dict[str, tuple[str, RawInput]] = {}
+        for raw in call.inputs:
+            CATALOG.modality(raw.modality)
+            if raw.modality in inputs:
+                raise InputError(raw.modality, "sent more than once in one request")
+            inputs[raw.modality] = (content_key(raw), raw)
+        spec.check_modalities(inputs)
+        return inputs
+    except MultiMedError as error:
+        return error
 
 
 def _as_output(e: Embedding) -> EncoderOutput:
