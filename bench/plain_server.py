@@ -38,9 +38,14 @@ class PlainService(pb_grpc.MultiMedServicer):
         prediction = self.tasks.predict(request.task, outputs)[0]
         spec = CATALOG.task(request.task)
         result = PredictResult(
-            request.request_id, request.task, prediction,
+            request.request_id,
+            request.task,
+            prediction,
             tuple(m for m in spec.accepted if m in outputs),
-            tuple(m for m in spec.accepted if m not in outputs), self.version, 0.0, 0.0,
+            tuple(m for m in spec.accepted if m not in outputs),
+            self.version,
+            0.0,
+            0.0,
         )
         return convert.result_to_wire(result, (time.perf_counter() - started) * 1000)
 

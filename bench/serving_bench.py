@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from multimed.models.bundle import load_bundle
-from multimed.models.catalog import InputForm
+from multimed.models.bundle import load_bundle, save_bundle
+from multimed.models.catalog import CATALOG, InputForm
 from multimed.models.modalities.base import RawInput
 from multimed.models.modalities.registry import build_pipeline
 from multimed.models.tasks import TaskModels
@@ -41,12 +42,37 @@ SCENARIOS = {  # name -> (task, modalities)
 SHAPES = {"xray": (1, 64, 64), "ct": (16, 64, 64), "mri": (16, 64, 64)}
 
 
+def sized_bundle(source: str, image_size: int, out: Path) -> str:
+    """A bundle like `source` whose imaging encoders read image_size x image_size inputs, with
+    freshly initialised weights: throughput does not depend on the weights' values, and this
+    puts the per-item compute near the issue's probe (1x128x128)."""
+    bundle = load_bundle(source)
+    modalities = dict(bundle.config.modalities)
+    for m in SHAPES:
+        modalities[m] = {**modalities.get(m, {}), "image_size": image_size}
+    config = bundle.config.model_copy(update={"modalities": modalities})
+    torch.manual_seed(0)
+    encoders = {
+        m: build_pipeline(m, config).build_encoder().state_dict() for m in CATALOG.modalities
+    }
+    save_bundle(
+        out,
+        config,
+        encoders,
+        bundle.tasks_state(),
+        {"training": {"data": f"untrained, for benchmarking at {image_size}px"}},
+    )
+    return str(out)
+
+
 def make_inputs(modalities, n: int, seed: int = 0) -> list[dict[str, RawInput]]:
     """Distinct decoded-layout tensors per request, so the embedding cache never hits."""
     rng = np.random.default_rng(seed)
     return [
-        {m: RawInput(m, InputForm.TENSOR, rng.random(SHAPES[m], dtype=np.float32))
-         for m in modalities}
+        {
+            m: RawInput(m, InputForm.TENSOR, rng.random(SHAPES[m], dtype=np.float32))
+            for m in modalities
+        }
         for _ in range(n)
     ]
 
@@ -58,8 +84,10 @@ def percentile(values: list[float], q: float) -> float:
 def raw_baseline(bundle_path: str, task: str, modalities, batch: int, seconds: float) -> dict:
     """In-process: preprocessed tensors -> encoders -> fusion and head. No serving at all."""
     bundle = load_bundle(bundle_path)
-    pipelines = {m: build_pipeline(m, bundle.config).setup("cpu", bundle.encoder_state(m))
-                 for m in modalities}
+    pipelines = {
+        m: build_pipeline(m, bundle.config).setup("cpu", bundle.encoder_state(m))
+        for m in modalities
+    }
     tasks = TaskModels(bundle.config)
     tasks.load_state_dict(bundle.tasks_state())
     tasks.eval()
@@ -67,8 +95,9 @@ def raw_baseline(bundle_path: str, task: str, modalities, batch: int, seconds: f
     batches = {m: p.collate([p.prepare(i[m]) for i in items]) for m, p in pipelines.items()}
 
     def forward(n: int) -> None:
-        outputs = {m: p.forward({k: v[:n] for k, v in batches[m].items()})
-                   for m, p in pipelines.items()}
+        outputs = {
+            m: p.forward({k: v[:n] for k, v in batches[m].items()}) for m, p in pipelines.items()
+        }
         tasks.predict(task, outputs)
 
     forward(batch)  # warm up
@@ -85,8 +114,9 @@ def raw_baseline(bundle_path: str, task: str, modalities, batch: int, seconds: f
     return {"throughput": throughput, "single_p50_ms": statistics.median(singles)}
 
 
-async def load(url: str, task: str, inputs, concurrency: int, seconds: float,
-               max_requests: int) -> dict:
+async def load(
+    url: str, task: str, inputs, concurrency: int, seconds: float, max_requests: int
+) -> dict:
     """`concurrency` workers send requests back to back until the count or time runs out."""
     latencies: list[float] = []
     errors = 0
@@ -146,8 +176,9 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 420) -> N
 
 
 def start(command: list[str], url: str) -> subprocess.Popen:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     wait_ready(url, process)
     return process
 
@@ -167,9 +198,12 @@ def run_load(url, args, label) -> dict:
         inputs = make_inputs(modalities, args.distinct, seed=2)
         for c in args.concurrency:
             point = asyncio.run(load(url, task, inputs, c, args.seconds, args.max_requests))
-            print(f"  {label:12s} {name:15s} c={c:3d} {point['throughput']:7.1f} rps  "
-                  f"p50 {point['p50_ms']:7.1f} ms  p99 {point['p99_ms']:7.1f} ms  "
-                  f"errors {point['errors']}", flush=True)
+            print(
+                f"  {label:12s} {name:15s} c={c:3d} {point['throughput']:7.1f} rps  "
+                f"p50 {point['p50_ms']:7.1f} ms  p99 {point['p99_ms']:7.1f} ms  "
+                f"errors {point['errors']}",
+                flush=True,
+            )
             out[f"{name}/c{c}"] = point
     return out
 
@@ -182,23 +216,31 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--max-requests", type=int, default=5000)
     parser.add_argument("--distinct", type=int, default=512)
+    parser.add_argument("--image-size", type=int, help="re-size the imaging encoders' input")
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    results: dict = {"machine": f"{os.cpu_count()} CPU cores", "raw": {}}
+    if args.image_size:
+        scratch = Path(tempfile.mkdtemp(prefix="multimed-bench-"))
+        args.bundle = sized_bundle(args.bundle, args.image_size, scratch / "bundle")
+    results: dict = {"machine": f"{os.cpu_count()} CPU cores", "args": vars(args), "raw": {}}
 
     print("raw in-process batched forward (batch 32):", flush=True)
     for name, (task, modalities) in SCENARIOS.items():
         raw = raw_baseline(args.bundle, task, modalities, 32, args.seconds)
         results["raw"][name] = raw
-        print(f"  {name:15s} {raw['throughput']:7.1f} items/s  single forward p50 "
-              f"{raw['single_p50_ms']:.1f} ms", flush=True)
+        print(
+            f"  {name:15s} {raw['throughput']:7.1f} items/s  single forward p50 "
+            f"{raw['single_p50_ms']:.1f} ms",
+            flush=True,
+        )
 
     port = free_port()
     url = f"127.0.0.1:{port}"
     print("plain per-request grpc.aio server:", flush=True)
-    plain = start([sys.executable, "bench/plain_server.py", "--bundle", args.bundle,
-                   "--port", str(port)], url)
+    plain = start(
+        [sys.executable, "bench/plain_server.py", "--bundle", args.bundle, "--port", str(port)], url
+    )
     try:
         results["plain"] = run_load(url, args, "plain")
     finally:
@@ -207,9 +249,23 @@ def main() -> None:
     port = free_port()
     url = f"127.0.0.1:{port}"
     print("MultiMed Serve (gateway -> router -> encoders):", flush=True)
-    served = start([sys.executable, "-m", "multimed.services.cli", "serve", "--config",
-                    args.config, "--bundle", args.bundle, "--port", str(port),
-                    "--metrics-port", str(free_port())], url)
+    served = start(
+        [
+            sys.executable,
+            "-m",
+            "multimed.services.cli",
+            "serve",
+            "--config",
+            args.config,
+            "--bundle",
+            args.bundle,
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(free_port()),
+        ],
+        url,
+    )
     try:
         results["served"] = run_load(url, args, "served")
     finally:
@@ -221,9 +277,11 @@ def main() -> None:
         for c in args.concurrency:
             key = f"{name}/c{c}"
             s, p = results["served"][key], results["plain"][key]
-            print(f"  {key:22s} vs raw {s['throughput'] / raw['throughput']:.2f}x   "
-                  f"vs plain {s['throughput'] / p['throughput']:.2f}x   "
-                  f"p50 - raw single {s['p50_ms'] - raw['single_p50_ms']:+.1f} ms")
+            print(
+                f"  {key:22s} vs raw {s['throughput'] / raw['throughput']:.2f}x   "
+                f"vs plain {s['throughput'] / p['throughput']:.2f}x   "
+                f"p50 - raw single {s['p50_ms'] - raw['single_p50_ms']:+.1f} ms"
+            )
     Path(args.out).write_text(json.dumps(results, indent=2))
 
 

@@ -45,6 +45,11 @@ def predict_request(
     )
 
 
+def _channel_options(max_message_mb: float) -> list[tuple[str, int]]:
+    limit = int(max_message_mb * 1024 * 1024)
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -55,14 +60,7 @@ class MultiMedClient:
     def __init__(
         self, url: str = DEFAULT_URL, token: str | None = None, max_message_mb: float = 64
     ):
-        limit = int(max_message_mb * 1024 * 1024)
-        self.channel = grpc.insecure_channel(
-            url,
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-            ],
-        )
+        self.channel = grpc.insecure_channel(url, options=_channel_options(max_message_mb))
         self.stub = pb_grpc.MultiMedStub(self.channel)
         self.metadata = _metadata(token)
 
@@ -107,14 +105,7 @@ class AsyncMultiMedClient:
     def __init__(
         self, url: str = DEFAULT_URL, token: str | None = None, max_message_mb: float = 64
     ):
-        limit = int(max_message_mb * 1024 * 1024)
-        self.channel = grpc.aio.insecure_channel(
-            url,
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-            ],
-        )
+        self.channel = grpc.aio.insecure_channel(url, options=_channel_options(max_message_mb))
         self.stub = pb_grpc.MultiMedStub(self.channel)
         self.metadata = _metadata(token)
 

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from multimed.models.config import Frozen
-from multimed.models.data.sequence_io import parse_sequence
 from multimed.models.modalities.base import (
     Batch,
     EncoderOutput,
-    ModalityPipeline,
-    RawInput,
-    pad_collate,
     width,
 )
+from multimed.models.modalities.sequence import SequencePipeline
 
 ALPHABET = "ACGTN"
-PAD = len(ALPHABET)  # token id 5
-_INDEX = {base: i for i, base in enumerate(ALPHABET)}
 
 
 class GenomicsSettings(Frozen):
@@ -56,23 +49,12 @@ class GenomicsEncoder(nn.Module):
         return EncoderOutput(self.pool_proj(peak), self.token_proj(context.transpose(1, 2)), mask)
 
 
-class GenomicsPipeline(ModalityPipeline):
+class GenomicsPipeline(SequencePipeline):
     """Decoded type: `str`, upper-case over ACGTN."""
 
     modality = "genomics"
+    alphabet = ALPHABET
     Settings = GenomicsSettings
-
-    def decode(self, raw: RawInput) -> str:
-        s = self.settings
-        return parse_sequence(
-            raw.data, self.modality, ALPHABET, min_length=s.min_length, max_length=s.max_length
-        )
-
-    def preprocess(self, decoded: str) -> Batch:
-        return {"tokens": torch.tensor([_INDEX[base] for base in decoded], dtype=torch.long)}
-
-    def collate(self, items: Sequence[Batch]) -> Batch:
-        return pad_collate(items, "tokens", pad_value=PAD)
 
     def build_encoder(self) -> nn.Module:
         return GenomicsEncoder(width(self.size, 64, 256), self.embed_dim)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from pydantic import Field
@@ -11,18 +10,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from multimed.models.config import Frozen
-from multimed.models.data.sequence_io import parse_sequence
 from multimed.models.modalities.base import (
     Batch,
     EncoderOutput,
-    ModalityPipeline,
-    RawInput,
-    pad_collate,
 )
+from multimed.models.modalities.sequence import SequencePipeline
 
 ALPHABET = "ACDEFGHIKLMNPQRSTVWY" + "X"  # 20 standard amino acids + unknown
-PAD = 21
-_INDEX = {residue: i for i, residue in enumerate(ALPHABET)}
+PAD = len(ALPHABET)  # token id 21
 
 
 class ProteinSettings(Frozen):
@@ -65,23 +60,12 @@ class ProteinEncoder(nn.Module):
         return EncoderOutput(self.pool_proj(mean), self.token_proj(h), mask)
 
 
-class ProteinPipeline(ModalityPipeline):
+class ProteinPipeline(SequencePipeline):
     """Decoded type: `str`, upper-case over the 20 standard amino acids and X."""
 
     modality = "protein"
+    alphabet = ALPHABET
     Settings = ProteinSettings
-
-    def decode(self, raw: RawInput) -> str:
-        s = self.settings
-        return parse_sequence(
-            raw.data, self.modality, ALPHABET, min_length=s.min_length, max_length=s.max_length
-        )
-
-    def preprocess(self, decoded: str) -> Batch:
-        return {"tokens": torch.tensor([_INDEX[r] for r in decoded], dtype=torch.long)}
-
-    def collate(self, items: Sequence[Batch]) -> Batch:
-        return pad_collate(items, "tokens", pad_value=PAD)
 
     def build_encoder(self) -> nn.Module:
         channels, layers, heads = (64, 1, 4) if self.size == "tiny" else (256, 4, 8)
