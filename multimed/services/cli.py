@@ -211,11 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from pydantic import ValidationError
+
     from multimed.models.errors import MultiMedError
 
     try:
         return args.func(args)
-    except MultiMedError as e:
+    except (MultiMedError, ValidationError, ValueError, OSError) as e:
         print(f"multimed {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -79,9 +79,9 @@ class ApplicationConfig(Strict):
 
 
 class ServeConfigFile(Strict):
-    """The subset of Ray Serve's multi-application config that this product uses."""
+    """The subset of Ray Serve's multi-application config that this product uses (fields that
+    only `serve deploy` reads, like proxy_location, are accepted and passed over)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     proxy_location: str | None = None
     http_options: dict[str, Any] | None = None
     applications: list[ApplicationConfig] = Field(min_length=1, max_length=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
@@ -40,6 +41,7 @@ FORM_FIELDS = {
     "tensor": InputForm.TENSOR,
 }
 FIELD_OF_FORM = {form: name for name, form in FORM_FIELDS.items()}
+MAX_TENSOR_DIMS = 8
 
 
 def tensor_from_wire(t: pb.Tensor, modality: str) -> np.ndarray:
@@ -47,9 +49,9 @@ def tensor_from_wire(t: pb.Tensor, modality: str) -> np.ndarray:
         raise InputError(modality, "tensor dtype is unspecified or unsupported")
     dtype = np.dtype(DTYPES[t.dtype]).newbyteorder("<")
     shape = tuple(t.shape)
-    if any(d < 0 for d in shape):
-        raise InputError(modality, f"tensor shape {shape} has a negative dimension")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(shape) > MAX_TENSOR_DIMS or any(d < 0 for d in shape):
+        raise InputError(modality, f"tensor shape {shape} is not a valid array shape")
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(t.data) != expected:
         raise InputError(
             modality,
@@ -60,11 +62,12 @@ def tensor_from_wire(t: pb.Tensor, modality: str) -> np.ndarray:
 
 def tensor_to_wire(array: np.ndarray) -> pb.Tensor:
     array = np.ascontiguousarray(array)
-    return pb.Tensor(
-        dtype=WIRE_DTYPE[array.dtype],
-        shape=list(array.shape),
-        data=array.astype("<" + array.dtype.str[1:]).tobytes(),
-    )
+    wire = WIRE_DTYPE.get(array.dtype.newbyteorder("="))
+    if wire is None:
+        supported = ", ".join(sorted(d.name for d in WIRE_DTYPE))
+        raise ValueError(f"tensor dtype {array.dtype.name} cannot be sent (use {supported})")
+    little_endian = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return pb.Tensor(dtype=wire, shape=list(array.shape), data=little_endian.tobytes())
 
 
 def input_from_wire(item: pb.ModalityInput) -> RawInput:

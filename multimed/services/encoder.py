@@ -59,6 +59,11 @@ class Encoder:
                 prepared.append(self.pipeline.prepare(raw))
             except InputError as error:
                 prepared.append(error)
+            except Exception as error:  # a decoder library choked: still this input's fault
+                log.warning("%s input failed to decode: %s", self.modality, type(error).__name__)
+                prepared.append(
+                    InputError(self.modality, f"could not be decoded ({type(error).__name__})")
+                )
         valid = [p for p in prepared if not isinstance(p, InputError)]
         self.waiting += len(valid)
         try:
@@ -67,7 +72,11 @@ class Encoder:
             self.waiting -= len(valid)
         return [p if isinstance(p, InputError) else next(encoded) for p in prepared]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    # Replaced at start by reconfigure() from BatchConfig (the serve config's user_config).
+    @serve.batch(
+        max_batch_size=BatchConfig().max_batch_size,
+        batch_wait_timeout_s=BatchConfig().batch_wait_ms / 1000,
+    )
     async def run_batch(self, items: list[Batch]) -> list[Embedding]:
         out = self.pipeline.forward(self.pipeline.collate(items))
         depth = self.waiting

@@ -9,7 +9,6 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import Field
 from ray.serve.handle import DeploymentHandle
 
+from multimed.models.catalog import CATALOG
+from multimed.models.errors import Overloaded
 from multimed.services import convert, metrics
 from multimed.services.config import Strict
 from multimed.services.errors import to_status
@@ -36,10 +37,17 @@ class GatewaySettings(Strict):
     port: int = Field(8001, ge=0, le=65535)  # 0: any free port
     max_message_mb: float = Field(64, gt=0)
     max_in_flight: int = Field(1024, ge=1)  # past this, RESOURCE_EXHAUSTED instead of queueing
-    default_timeout_s: float = Field(60, gt=0)  # for calls without a deadline
+    default_timeout_s: float = Field(60, gt=0)  # for calls that carry no deadline
+    stream_concurrency: int = Field(256, ge=1)  # requests in progress per PredictStream
     auth_token: str | None = None  # when set, calls need "authorization: Bearer <token>"
     coalesce_max: int = Field(64, ge=1)  # Predict calls per router call
     coalesce_slots: int = Field(2, ge=1)  # router calls in flight at once
+
+
+def task_label(task: str) -> str:
+    """Metric label for a requested task: unknown names collapse, so a client cannot grow the
+    label set without bound."""
+    return task if task in CATALOG.tasks else "unknown"
 
 
 def _request_id(request_id: str, context: grpc.aio.ServicerContext) -> str:
@@ -69,6 +77,7 @@ class Coalescer:
         return await future
 
     def _dispatch(self) -> None:
+        self.waiting = [(c, f) for c, f in self.waiting if not f.done()]  # callers who gave up
         while self.waiting and self.busy < self.slots:
             batch = self.waiting[: self.max_batch]
             del self.waiting[: self.max_batch]
@@ -84,14 +93,24 @@ class Coalescer:
             results = [error] * len(batch)
         finally:
             self.busy -= 1
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():  # its caller gave up (deadline, cancellation)
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-        self._dispatch()
+        try:
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():  # its caller gave up (deadline, cancellation)
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            for _, future in batch:  # never leave a caller waiting on a broken answer
+                if not future.done():
+                    future.set_exception(RuntimeError("router answered the batch incompletely"))
+            self._dispatch()
+
+
+def _loggable(request_id: str) -> str:
+    """Client-chosen ids go into logs: keep them short and printable."""
+    return "".join(c for c in request_id[:128] if c.isprintable() and not c.isspace())
 
 
 class MultiMedService(pb_grpc.MultiMedServicer):
@@ -104,31 +123,26 @@ class MultiMedService(pb_grpc.MultiMedServicer):
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
-        if remaining is None:
-            return self.settings.default_timeout_s
-        return min(remaining, self.settings.default_timeout_s)
+        return self.settings.default_timeout_s if remaining is None else remaining
 
-    async def _serve(
-        self, method: str, task: str, request_id: str, context, work: Callable[[float], Awaitable]
-    ):
-        """Run one call: admission, deadline, metrics, logging and the error mapping."""
-        await context.send_initial_metadata(((REQUEST_ID, request_id),))
+    async def _attempt(self, method: str, task: str, request_id: str, timeout: float, work):
+        """Run one request: admission, deadline, error mapping, metrics and a log line.
+        -> (code, message, result)."""
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code, message, result = grpc.StatusCode.OK, "", None
         metrics.IN_FLIGHT.labels(method).inc()
         self.in_flight += 1
         try:
             if self.in_flight > self.settings.max_in_flight:
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                message = f"server overloaded: {self.in_flight - 1} requests in flight; retry later"
-            else:
-                timeout = self._timeout(context)
-                try:
-                    return await asyncio.wait_for(work(time.time() + timeout), timeout)
-                except Exception as error:
-                    code, message = to_status(error)
-                    if code is grpc.StatusCode.INTERNAL:
-                        log.exception("id=%s %s task=%s failed", request_id, method, task)
+                raise Overloaded(f"server overloaded: {self.in_flight - 1} requests in flight")
+            result = await asyncio.wait_for(work(time.time() + timeout), timeout)
+        except asyncio.CancelledError:
+            code, message = grpc.StatusCode.CANCELLED, "cancelled"
+            raise
+        except Exception as error:
+            code, message = to_status(error)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("id=%s %s task=%s failed", _loggable(request_id), method, task)
         finally:
             self.in_flight -= 1
             metrics.IN_FLIGHT.labels(method).dec()
@@ -137,13 +151,23 @@ class MultiMedService(pb_grpc.MultiMedServicer):
             metrics.LATENCY.labels(method, task).observe(elapsed)
             log.info(
                 "id=%s %s task=%s code=%s ms=%.1f",
-                request_id,
+                _loggable(request_id),
                 method,
                 task,
                 code.name,
                 elapsed * 1000,
             )
-        await context.abort(code, message)
+        return code, message, result
+
+    async def _serve(self, method: str, task: str, request_id: str, context, work):
+        """A unary call: the request id goes back in metadata; an error aborts the call."""
+        await context.send_initial_metadata(((REQUEST_ID, request_id),))
+        code, message, result = await self._attempt(
+            method, task, request_id, self._timeout(context), work
+        )
+        if code is not grpc.StatusCode.OK:
+            await context.abort(code, message)
+        return result
 
     async def _predict(self, request: pb.PredictRequest, request_id: str, deadline: float):
         started = time.perf_counter()
@@ -168,47 +192,53 @@ class MultiMedService(pb_grpc.MultiMedServicer):
         request_id = _request_id(request.request_id, context)
         return await self._serve(
             "Predict",
-            request.task,
+            task_label(request.task),
             request_id,
             context,
             lambda deadline: self._predict(request, request_id, deadline),
         )
 
     async def PredictStream(self, request_iterator, context):
-        """Requests run concurrently; each response goes out when ready, matched by id."""
+        """Requests run concurrently (at most `stream_concurrency` per stream); each response
+        goes out when ready, matched by request_id; a failed request answers with its error."""
         done: asyncio.Queue = asyncio.Queue()
         timeout = self._timeout(context)
+        slots = asyncio.Semaphore(self.settings.stream_concurrency)
 
         async def one(request: pb.PredictRequest):
             request_id = request.request_id or uuid.uuid4().hex
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
             try:
-                response = await asyncio.wait_for(
-                    self._predict(request, request_id, time.time() + timeout), timeout
+                code, message, response = await self._attempt(
+                    "PredictStream",
+                    task_label(request.task),
+                    request_id,
+                    timeout,
+                    lambda deadline: self._predict(request, request_id, deadline),
                 )
-            except Exception as error:
-                code, message = to_status(error)
-                response = pb.PredictResponse(
-                    request_id=request_id,
-                    task=request.task,
-                    error=pb.Error(code=code.value[0], message=message),
-                )
-            metrics.REQUESTS.labels("PredictStream", request.task, code.name).inc()
-            metrics.LATENCY.labels("PredictStream", request.task).observe(
-                time.perf_counter() - started
-            )
-            await done.put(response)
+                if code is not grpc.StatusCode.OK:
+                    response = pb.PredictResponse(
+                        request_id=request_id,
+                        task=request.task,
+                        error=pb.Error(code=code.value[0], message=message),
+                    )
+                await done.put(response)
+            finally:
+                slots.release()
 
         async def read():
-            running = [asyncio.create_task(one(r)) async for r in request_iterator]
-            await asyncio.gather(*running)
-            await done.put(None)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    async for request in request_iterator:
+                        await slots.acquire()  # backpressure on the client's stream
+                        group.create_task(one(request))
+            finally:
+                await done.put(None)
 
         reader = asyncio.create_task(read())
         try:
             while (response := await done.get()) is not None:
                 yield response
+            await reader  # surfaces a broken request stream as this call's error
         finally:
             reader.cancel()
 
@@ -218,6 +248,8 @@ class MultiMedService(pb_grpc.MultiMedServicer):
         async def work(deadline: float):
             raw = convert.input_from_wire(request.input)
             e = await self.router.embed.remote(raw, deadline)
+            if isinstance(e, Exception):
+                raise e
             return convert.embedding_to_wire(request_id, raw.modality, e, self.manifest["version"])
 
         return await self._serve("Embed", "", request_id, context, work)
@@ -269,7 +301,7 @@ async def start_gateway(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 1),
+            ("grpc.so_reuseport", 0),  # a second server on the port is an error, not a split
         ],
     )
     pb_grpc.add_MultiMedServicer_to_server(MultiMedService(router, manifest, settings), server)

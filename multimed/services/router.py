@@ -23,7 +23,7 @@ from multimed.models.errors import InputError, MissingModality, MultiMedError
 from multimed.models.heads import Prediction
 from multimed.models.modalities.base import EncoderOutput, RawInput
 from multimed.models.tasks import TaskModels
-from multimed.services.types import Embedding, PredictCall, PredictResult
+from multimed.services.types import Embedding, EncodeStats, PredictCall, PredictResult
 
 log = logging.getLogger("multimed.router")
 
@@ -87,13 +87,15 @@ class Router:
         self.encoder_timeout_s = encoder_timeout_s
         torch.set_num_threads(1)
 
-    async def embed(self, raw: RawInput, deadline: float | None = None) -> Embedding:
-        CATALOG.modality(raw.modality)
+    async def embed(self, raw: RawInput, deadline: float | None = None):
+        """-> Embedding, or the input's error as a value (raised by the caller, so that replica
+        logs never carry an error message quoting the input)."""
+        try:
+            CATALOG.modality(raw.modality)
+        except MultiMedError as error:
+            return error
         key = content_key(raw)
-        result = (await self._encode({raw.modality: {key: raw}}, deadline))[key]
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return (await self._encode({raw.modality: {key: raw}}, deadline))[key]
 
     async def predict_many(self, calls: list[PredictCall]) -> list[PredictResult | Exception]:
         """Calls coalesced by the gateway: one encoder call per modality for the whole batch and
@@ -105,8 +107,9 @@ class Router:
             if not isinstance(inputs, Exception):
                 for m, (key, raw) in inputs.items():
                     wanted.setdefault(m, {})[key] = raw
+        # The batch waits for its most patient caller; the gateway enforces each caller's own.
         deadlines = [c.deadline for c in calls if c.deadline is not None]
-        encoded = await self._encode(wanted, min(deadlines) if deadlines else None)
+        encoded = await self._encode(wanted, max(deadlines) if deadlines else None)
         encoded_at = time.perf_counter()
 
         results: list[PredictResult | Exception] = list(checked)  # errors stay in place
@@ -121,7 +124,13 @@ class Router:
                 group = (calls[i].task, tuple(sorted(embeddings)), calls[i].explain)
                 groups.setdefault(group, []).append(i)
         for (task, _, explain), members in groups.items():
-            predictions = self._fuse(task, [results[i] for i in members], explain)
+            try:
+                predictions = self._fuse(task, [results[i] for i in members], explain)
+            except Exception as error:  # fails this group only, never the whole batch
+                log.exception("fusion failed for %d %s calls", len(members), task)
+                for i in members:
+                    results[i] = error
+                continue
             fused_at = time.perf_counter()
             for i, (prediction, contributions) in zip(members, predictions, strict=True):
                 results[i] = self._result(
@@ -200,7 +209,10 @@ class Router:
             encode_ms=encode_ms,
             fuse_ms=fuse_ms,
             contributions=contributions,
-            encoders=embeddings,
+            encoders={
+                m: EncodeStats(e.batch_size, e.queue_depth, e.replica)
+                for m, e in embeddings.items()
+            },
         )
 
     def _contributions(self, task: str, outputs: dict[str, EncoderOutput], full: Prediction):

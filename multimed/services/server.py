@@ -14,8 +14,9 @@ import ray
 from ray import serve
 
 from multimed.models.bundle import load_bundle
+from multimed.models.errors import BundleError
 from multimed.services.app import build
-from multimed.services.config import ServeConfigFile
+from multimed.services.config import AppArgs, ServeConfigFile
 from multimed.services.gateway import GatewaySettings, start_gateway
 from multimed.services.metrics import serve_metrics
 
@@ -39,8 +40,14 @@ class ServeOptions:
 
 
 def ensure_bundle(path: Path) -> None:
+    """Only the default bundle is trained when missing; any other path must hold a bundle, so a
+    typo never serves a freshly trained model."""
     if (path / "manifest.json").exists():
         return
+    if path.resolve() != Path(AppArgs().bundle).resolve():
+        raise BundleError(
+            f"bundle {path}: manifest.json not found (train one with `multimed train --out DIR`)"
+        )
     from multimed.models.train import train_default  # training stack only when needed
 
     print(f"no bundle at {path}: training the default bundle (a few minutes)...", flush=True)
@@ -51,6 +58,9 @@ async def run(options: ServeOptions, ready: asyncio.Event | None = None) -> None
     app_config = options.config.app
     bundle_path = Path(app_config.args.bundle)
     ensure_bundle(bundle_path)
+    # Replicas may start in other working directories (or on other nodes with shared storage).
+    args = app_config.args.model_copy(update={"bundle": str(bundle_path.resolve())})
+    app_config = app_config.model_copy(update={"args": args})
     manifest = load_bundle(bundle_path).manifest
 
     env_vars = {**REPLICA_ENV, **app_config.runtime_env.get("env_vars", {})}
@@ -80,7 +90,7 @@ async def run(options: ServeOptions, ready: asyncio.Event | None = None) -> None
         if stop.is_set():
             return
         router = deploying.result()
-        gateway, port, _health = await start_gateway(router, manifest, options.gateway)
+        gateway, port, health = await start_gateway(router, manifest, options.gateway)
         metrics_server = serve_metrics(options.gateway.host, options.metrics_port)
         host = options.gateway.host
         print(
@@ -97,10 +107,14 @@ async def run(options: ServeOptions, ready: asyncio.Event | None = None) -> None
         print("stopping...", flush=True)
     finally:
         if gateway is not None:
+            await health.enter_graceful_shutdown()  # load balancers stop sending first
             await gateway.stop(grace=5)
         if metrics_server is not None:
             metrics_server.shutdown()
-        serve.shutdown()
+        if options.ray_address:
+            serve.delete(app_config.name)  # a shared cluster keeps its other applications
+        else:
+            serve.shutdown()
         ray.shutdown()
 
 

@@ -23,6 +23,15 @@ class Embedding:
 
 
 @dataclass(frozen=True)
+class EncodeStats:
+    """How one input was encoded, reported back for metrics (no arrays travel back)."""
+
+    batch_size: int  # 0: served from the router's cache
+    queue_depth: int
+    replica: str
+
+
+@dataclass(frozen=True)
 class PredictCall:
     request_id: str
     task: str
@@ -42,4 +51,4 @@ class PredictResult:
     encode_ms: float
     fuse_ms: float
     contributions: dict[str, float] = field(default_factory=dict)
-    encoders: dict[str, Embedding] = field(default_factory=dict)  # per modality, for metrics
+    encoders: dict[str, EncodeStats] = field(default_factory=dict)  # per modality
