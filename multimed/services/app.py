@@ -37,7 +37,14 @@ def build(config: ApplicationConfig) -> Application:
     router = serve.deployment(Router).options(
         name=ROUTER, **{**ROUTER_DEFAULTS, **config.deployment(ROUTER)}
     )
-    return router.bind(encoders, args.bundle, args.cache_entries, args.encoder_timeout_s)
+    return router.bind(
+        encoders,
+        args.bundle,
+        args.cache_entries,
+        args.encoder_timeout_s,
+        args.gateway.model_dump(),
+        args.metrics_port,
+    )
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -81,19 +81,30 @@ def _evaluate(args) -> int:
 
 def _serve(args) -> int:
     from multimed.services.config import load_serve_config
-    from multimed.services.gateway import GatewaySettings
     from multimed.services.server import ServeOptions, serve_forever
 
     config = load_serve_config(args.config)
-    if args.bundle is not None:
-        app = config.app.model_copy(
-            update={"args": config.app.args.model_copy(update={"bundle": str(args.bundle)})}
-        )
-        config = config.model_copy(update={"applications": [app]})
-    gateway = GatewaySettings(
-        host=args.host, port=args.port, auth_token=args.token, max_message_mb=args.max_message_mb
+    app_args = config.app.args
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "auth_token": args.token,
+        "max_message_mb": args.max_message_mb,
+    }
+    gateway = app_args.gateway.model_validate(
+        {**app_args.gateway.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
     )
-    serve_forever(ServeOptions(config, gateway, args.metrics_port, args.ray_address))
+    app_args = app_args.model_copy(
+        update={
+            "gateway": gateway,
+            "bundle": str(args.bundle) if args.bundle is not None else app_args.bundle,
+            "metrics_port": args.metrics_port
+            if args.metrics_port is not None
+            else app_args.metrics_port,
+        }
+    )
+    app = config.app.model_copy(update={"args": app_args})
+    serve_forever(ServeOptions(config.model_copy(update={"applications": [app]}), args.ray_address))
     return 0
 
 
@@ -179,10 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the model over gRPC (embedded local Ray)")
     p.add_argument("--config", type=Path, help="Ray Serve config (deploy/serve_config.yaml)")
     p.add_argument("--bundle", type=Path, help="bundle directory (default: the config's)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--max-message-mb", type=float, default=64)
+    p.add_argument("--host", help="gRPC and metrics address (default: the config's, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (default: the config's, 8001)")
+    p.add_argument("--metrics-port", type=int, help="/metrics port (default: 8002)")
+    p.add_argument("--max-message-mb", type=float, help="largest request (default: 64)")
     p.add_argument("--token", help="require this bearer token (default: no auth)")
     p.add_argument("--ray-address", help="join a running Ray cluster ('auto') instead")
     p.set_defaults(func=_serve)

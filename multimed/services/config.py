@@ -34,6 +34,20 @@ class BatchConfig(Strict):
     torch_threads: int = Field(1, ge=1, le=256)
 
 
+class GatewaySettings(Strict):
+    """The gRPC front door, run inside each router replica."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)  # 0: any free port
+    max_message_mb: float = Field(64, gt=0)
+    max_in_flight: int = Field(1024, ge=1)  # past this, RESOURCE_EXHAUSTED instead of queueing
+    default_timeout_s: float = Field(60, gt=0)  # for calls that carry no deadline
+    stream_concurrency: int = Field(256, ge=1)  # requests in progress per PredictStream
+    auth_token: str | None = None  # when set, calls need "authorization: Bearer <token>"
+    coalesce_max: int = Field(64, ge=1)  # Predict calls per router call
+    coalesce_slots: int = Field(2, ge=1)  # router calls in flight at once
+
+
 class AppArgs(Strict):
     """Arguments of the application builder (`multimed.services.app:build_app`)."""
 
@@ -41,6 +55,8 @@ class AppArgs(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the replica has a GPU
     cache_entries: int = Field(4096, ge=0)  # router's embedding cache; 0 disables it
     encoder_timeout_s: float = Field(30.0, gt=0)
+    gateway: GatewaySettings = GatewaySettings()
+    metrics_port: int | None = Field(8002, ge=0, le=65535)  # None: no /metrics endpoint
 
 
 class DeploymentConfig(Strict):

@@ -23,6 +23,9 @@ from multimed.models.errors import InputError, MissingModality, MultiMedError
 from multimed.models.heads import Prediction
 from multimed.models.modalities.base import EncoderOutput, RawInput
 from multimed.models.tasks import TaskModels
+from multimed.services.config import GatewaySettings
+from multimed.services.gateway import set_serving, start_gateway
+from multimed.services.metrics import serve_metrics
 from multimed.services.types import Embedding, EncodeStats, PredictCall, PredictResult
 
 log = logging.getLogger("multimed.router")
@@ -69,16 +72,19 @@ class EmbeddingCache:
 
 
 class Router:
-    def __init__(
+    """Holds the task models and the embedding cache, and runs the gRPC gateway in-process."""
+
+    async def __init__(
         self,
         encoders: dict[str, DeploymentHandle],
         bundle: str,
         cache_entries: int = 4096,
         encoder_timeout_s: float = 30.0,
+        gateway: dict | None = None,
+        metrics_port: int | None = None,
     ):
         loaded = load_bundle(bundle)
         self.bundle_version = loaded.version
-        self.manifest = loaded.manifest
         self.encoders = encoders
         self.tasks = TaskModels(loaded.config)
         self.tasks.load_state_dict(loaded.tasks_state())
@@ -86,6 +92,19 @@ class Router:
         self.cache = EmbeddingCache(cache_entries)
         self.encoder_timeout_s = encoder_timeout_s
         torch.set_num_threads(1)
+        self.gateway = None
+        if gateway is not None:
+            settings = GatewaySettings.model_validate(gateway)
+            self.gateway, _, self.health = await start_gateway(self, loaded.manifest, settings)
+            if metrics_port is not None:
+                serve_metrics(settings.host, metrics_port)
+            self._until_serving = asyncio.ensure_future(self._serving_when_encoders_answer())
+
+    async def _serving_when_encoders_answer(self) -> None:
+        """Health turns SERVING once every encoder has answered an (empty) call."""
+        await asyncio.gather(*(h.encode_many.remote([]) for h in self.encoders.values()))
+        await set_serving(self.health, True)
+        log.info("gateway serving (bundle %s)", self.bundle_version)
 
     async def embed(self, raw: RawInput, deadline: float | None = None):
         """-> Embedding, or the input's error as a value (raised by the caller, so that replica

@@ -1,5 +1,6 @@
-"""`multimed serve`: start a local Ray (or join one), deploy the application, start the gateway
-and the metrics endpoint, and stop everything cleanly on Ctrl-C / SIGTERM."""
+"""`multimed serve`: start a local Ray (or join one), deploy the application (whose router
+replicas run the gRPC gateway and /metrics), wait until it serves, and stop everything cleanly on
+Ctrl-C / SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
 from multimed.models.bundle import load_bundle
 from multimed.models.errors import BundleError
 from multimed.services.app import build
 from multimed.services.config import AppArgs, ServeConfigFile
-from multimed.services.gateway import GatewaySettings, start_gateway
-from multimed.services.metrics import serve_metrics
 
 log = logging.getLogger("multimed.server")
 
@@ -34,8 +36,6 @@ REPLICA_ENV = {
 @dataclass(frozen=True)
 class ServeOptions:
     config: ServeConfigFile
-    gateway: GatewaySettings
-    metrics_port: int = 8002
     ray_address: str | None = None  # None: start a local Ray; "auto": join the running one
 
 
@@ -54,14 +54,32 @@ def ensure_bundle(path: Path) -> None:
     train_default(path)
 
 
-async def run(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
+def wait_serving(url: str, timeout_s: float = 600) -> None:
+    """Block until the gateway's health check says SERVING (all encoders answered)."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(url) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise TimeoutError(f"gateway at {url} not serving after {timeout_s:.0f} s")
+
+
+async def run(options: ServeOptions) -> None:
     app_config = options.config.app
     bundle_path = Path(app_config.args.bundle)
     ensure_bundle(bundle_path)
+    manifest = load_bundle(bundle_path).manifest
     # Replicas may start in other working directories (or on other nodes with shared storage).
     args = app_config.args.model_copy(update={"bundle": str(bundle_path.resolve())})
     app_config = app_config.model_copy(update={"args": args})
-    manifest = load_bundle(bundle_path).manifest
+    gateway = args.gateway
+    url = f"{gateway.host}:{gateway.port}"
 
     env_vars = {**REPLICA_ENV, **app_config.runtime_env.get("env_vars", {})}
     ray.init(
@@ -73,44 +91,39 @@ async def run(options: ServeOptions, ready: asyncio.Event | None = None) -> None
         log_to_driver=False,
         runtime_env={**app_config.runtime_env, "env_vars": env_vars},
     )
-    metrics_server = None
-    gateway = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        serve.start(proxy_location="Disabled")  # our gateway is the only front door
+        serve.start(proxy_location="Disabled")  # the gateway in the router is the front door
+
+        def deploy() -> None:
+            serve.run(build(app_config), name=app_config.name, route_prefix=None)
+            wait_serving(url)
+
         # Deploying blocks until every replica is up; in a thread, so Ctrl-C still works.
-        deploying = asyncio.ensure_future(
-            asyncio.to_thread(serve.run, build(app_config), name=app_config.name, route_prefix=None)
-        )
+        deploying = asyncio.ensure_future(asyncio.to_thread(deploy))
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait((deploying, stopping), return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             return
-        router = deploying.result()
-        gateway, port, health = await start_gateway(router, manifest, options.gateway)
-        metrics_server = serve_metrics(options.gateway.host, options.metrics_port)
-        host = options.gateway.host
+        deploying.result()
+        metrics = (
+            f"http://{gateway.host}:{args.metrics_port}/metrics"
+            if args.metrics_port is not None
+            else "off"
+        )
         print(
-            f"MultiMed Serve {manifest['version']} listening on {host}:{port} "
-            f"(multimed.v1, grpc.health.v1, reflection); metrics on "
-            f"http://{host}:{options.metrics_port}/metrics\n"
-            f"try:  multimed predict --url {host}:{port} --task medical_vqa "
+            f"MultiMed Serve {manifest['version']} listening on {url} "
+            f"(multimed.v1, grpc.health.v1, reflection); metrics {metrics}\n"
+            f"try:  multimed predict --url {url} --task medical_vqa "
             f'--text "Is there a lesion?" --xray FILE.dcm',
             flush=True,
         )
-        if ready is not None:
-            ready.set()
         await stopping
         print("stopping...", flush=True)
     finally:
-        if gateway is not None:
-            await health.enter_graceful_shutdown()  # load balancers stop sending first
-            await gateway.stop(grace=5)
-        if metrics_server is not None:
-            metrics_server.shutdown()
         if options.ray_address:
             serve.delete(app_config.name)  # a shared cluster keeps its other applications
         else:
