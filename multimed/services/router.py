@@ -97,7 +97,13 @@ class Router:
             settings = GatewaySettings.model_validate(gateway)
             self.gateway, _, self.health = await start_gateway(self, loaded.manifest, settings)
             if metrics_port is not None:
-                serve_metrics(settings.host, metrics_port)
+                try:
+                    serve_metrics(settings.host, metrics_port)
+                except OSError:  # another router replica on this node already serves /metrics
+                    log.warning(
+                        "metrics port %d busy; this replica's metrics are not exported",
+                        metrics_port,
+                    )
             self._until_serving = asyncio.ensure_future(self._serving_when_encoders_answer())
 
     async def _serving_when_encoders_answer(self) -> None:
