@@ -9,6 +9,7 @@ import time
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from multimed.models.bundle import load_bundle
 from multimed.models.catalog import CATALOG
@@ -60,8 +61,11 @@ async def main() -> None:
     torch.set_num_threads(args.threads)
     server = grpc.aio.server()
     pb_grpc.add_MultiMedServicer_to_server(PlainService(args.bundle, args.modalities), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(f"127.0.0.1:{args.port}")
     await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     print("ready", flush=True)
     await server.wait_for_termination()
 

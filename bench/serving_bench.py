@@ -25,7 +25,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from multimed.models.bundle import load_bundle, save_bundle
 from multimed.models.catalog import CATALOG, InputForm
@@ -33,6 +32,7 @@ from multimed.models.modalities.base import RawInput
 from multimed.models.modalities.registry import build_pipeline
 from multimed.models.tasks import TaskModels
 from multimed.services.client import predict_request
+from multimed.services.server import wait_serving
 from multimed.v1 import multimed_pb2_grpc as pb_grpc
 
 SCENARIOS = {  # name -> (task, modalities)
@@ -158,28 +158,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 420) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(url) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}")
-            try:
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                return
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # up, without a health service
-                    return
-            time.sleep(1)
-    raise TimeoutError("server did not come up")
-
-
 def start(command: list[str], url: str) -> subprocess.Popen:
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    wait_ready(url, process)
+    wait_serving(url, 420, alive=lambda: process.poll() is None)
     return process
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +55,15 @@ def ensure_bundle(path: Path) -> None:
     train_default(path)
 
 
-def wait_serving(url: str, timeout_s: float = 600) -> None:
-    """Block until the gateway's health check says SERVING (all encoders answered)."""
+def wait_serving(url: str, timeout_s: float = 600, alive: Callable[[], bool] | None = None):
+    """Block until the server's health check says SERVING; `alive` (e.g. a subprocess poll)
+    makes a crashed server fail fast instead of timing out."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(url) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                raise RuntimeError(f"server for {url} exited before serving")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -67,7 +71,7 @@ def wait_serving(url: str, timeout_s: float = 600) -> None:
             except grpc.RpcError:
                 pass
             time.sleep(0.5)
-    raise TimeoutError(f"gateway at {url} not serving after {timeout_s:.0f} s")
+    raise TimeoutError(f"server at {url} not serving after {timeout_s:.0f} s")
 
 
 async def run(options: ServeOptions) -> None:

@@ -9,19 +9,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from multimed.models.config import ModelConfig
 from multimed.models.data.files import write_cohort
 from multimed.models.train import TrainSettings, train
 from multimed.services.client import MultiMedClient
+from multimed.services.server import wait_serving
 
 TOKEN = "integration-secret"
 MAX_MESSAGE_MB = 4
@@ -75,20 +73,10 @@ def _serve_config(path: Path, bundle: Path) -> Path:
 
 
 def _wait_serving(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with grpc.insecure_channel(url) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"multimed serve exited:\n{log.read_text()[-3000:]}")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(1)
-    raise TimeoutError(f"server not serving after {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+    try:
+        wait_serving(url, START_TIMEOUT_S, alive=lambda: process.poll() is None)
+    except (RuntimeError, TimeoutError) as e:
+        raise RuntimeError(f"{e}; its log:\n{log.read_text()[-3000:]}") from None
 
 
 @pytest.fixture(scope="session")
