@@ -46,9 +46,8 @@ class Prediction:
 
     kind: OutputKind
     labels: tuple[str, ...]
-    scores: list[float] | list[list[float]]  # per label; per token for PER_TOKEN
+    scores: list[float] | list[list[float]]  # per label (REGRESSION: the values); per token
     predicted: list[str]  # top label (single/answer), labels over threshold (multi), per-token
-    values: list[float] | None = None  # REGRESSION: one value per label
 
 
 def to_predictions(
@@ -65,8 +64,7 @@ def to_predictions(
             chosen = [lab for lab, s in zip(labels, p.tolist(), strict=True) if s >= 0.5]
             out.append(Prediction(kind, labels, p.tolist(), chosen))
         elif kind is OutputKind.REGRESSION:
-            v = raw[i].tolist()
-            out.append(Prediction(kind, labels, v, [], values=v))
+            out.append(Prediction(kind, labels, raw[i].tolist(), []))  # scores are the values
         else:
             p = raw[i][token_mask[i]].softmax(-1)
             out.append(Prediction(kind, labels, p.tolist(), [labels[j] for j in p.argmax(-1)]))

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from multimed.models.catalog import InputForm
-from multimed.models.data.files import read_input
+from multimed.models.data.inputs import read_input
 from multimed.models.modalities.base import RawInput
 from multimed.services.convert import input_to_wire
 from multimed.v1 import multimed_pb2 as pb

@@ -7,7 +7,8 @@ import pytest
 
 from multimed.models.catalog import CATALOG
 from multimed.models.config import ModelConfig
-from multimed.models.data.files import FILES, QUESTION_FILE, read_input
+from multimed.models.data.files import FILES, QUESTION_FILE
+from multimed.models.data.inputs import read_input
 from multimed.models.modalities.registry import build_pipeline
 from multimed.services.cli import main
 

@@ -1,5 +1,5 @@
 """The synthetic cohort on disk and on the wire: each modality rendered in its real format
-(DICOM, PNG, EDF, FASTA, gene-count JSON, text), and files read back as wire inputs."""
+(DICOM, PNG, EDF, FASTA, gene-count JSON, text). Reading files back is `inputs.read_input`."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from multimed.models.catalog import CATALOG, InputForm
+from multimed.models.catalog import InputForm
 from multimed.models.data.dicom_io import write_dicom, write_dicom_series
 from multimed.models.data.edf_io import write_edf
 from multimed.models.data.image_io import write_png
 from multimed.models.data.sequence_io import write_fasta
-from multimed.models.data.synthetic import Patient, generate_cohort, labels_json, task_inputs
+from multimed.models.data.synthetic import generate_cohort, labels_json
 from multimed.models.modalities.base import RawInput
 from multimed.models.modalities.registry import PIPELINES
 
@@ -62,11 +62,6 @@ def to_wire(modality: str, decoded: object, record_id: str = "sample") -> RawInp
     raise KeyError(modality)
 
 
-def task_request(patient: Patient, task_id: str) -> dict[str, RawInput]:
-    """The wire inputs of one patient's request for a task."""
-    return {m: to_wire(m, d, patient.id) for m, d in task_inputs(patient, task_id).items()}
-
-
 def _write(path: Path, raw: RawInput) -> None:
     if raw.form == InputForm.DICOM_SERIES:
         path.mkdir(parents=True, exist_ok=True)
@@ -93,25 +88,3 @@ def write_cohort(out: Path, n: int, seed: int = 0) -> int:
         labels[patient.id] = {"vqa_modality": patient.vqa_modality, **labels_json(patient)}
     (out / "labels.json").write_text(json.dumps(labels, indent=1))
     return n
-
-
-def read_input(modality: str, path: Path) -> RawInput:
-    """A file (or a directory of DICOM slices) -> a wire input, its form told by its name."""
-    CATALOG.modality(modality)
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file())
-        return RawInput(modality, InputForm.DICOM_SERIES, [p.read_bytes() for p in files])
-    if suffix in (".dcm", ".dicom"):
-        return RawInput(modality, InputForm.DICOM, path.read_bytes())
-    if suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
-        return RawInput(modality, InputForm.IMAGE, path.read_bytes())
-    if suffix == ".edf":
-        return RawInput(modality, InputForm.EDF, path.read_bytes())
-    if suffix == ".json":
-        return RawInput(modality, InputForm.GENE_COUNTS, json.loads(path.read_text()))
-    if suffix == ".npy":
-        return RawInput(modality, InputForm.TENSOR, np.load(path, allow_pickle=False))
-    if modality == "text":
-        return RawInput(modality, InputForm.TEXT, path.read_text())
-    return RawInput(modality, InputForm.SEQUENCE, path.read_text())
