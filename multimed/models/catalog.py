@@ -32,6 +32,9 @@ class InputForm(StrEnum):
     SEQUENCE = "sequence"  # raw or FASTA sequence text
     GENE_COUNTS = "gene_counts"  # gene -> count map
     TENSOR = "tensor"  # float array in the decoded layout
+    # The model-ready tensor (a pipeline's `TensorSpec`): taken by every modality, listed in no
+    # modality's forms; it is what Open Inference Protocol clients and remote encoders send.
+    PREPROCESSED = "preprocessed"
 
 
 class OutputKind(StrEnum):

@@ -60,3 +60,7 @@ class BundleError(MultiMedError):
 
 class Overloaded(MultiMedError):
     """The service cannot take more work right now; the caller may retry."""
+
+
+class BackendUnavailable(MultiMedError):
+    """A remote model server (an encoder's Triton backend) failed or did not answer in time."""

@@ -33,7 +33,10 @@ def build(config: ApplicationConfig) -> Application:
         name = encoder_deployment(m)
         options = {**ENCODER_DEFAULTS, **config.deployment(name)}
         deployment = serve.deployment(Encoder).options(name=name, **options)
-        encoders[m] = deployment.bind(m, args.bundle, args.device)
+        backend = args.encoders.get(m)
+        encoders[m] = deployment.bind(
+            m, args.bundle, args.device, backend.model_dump() if backend else None
+        )
     router = serve.deployment(Router).options(
         name=ROUTER, **{**ROUTER_DEFAULTS, **config.deployment(ROUTER)}
     )

@@ -156,6 +156,26 @@ def _predict(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from multimed.services.export import export_triton
+
+    report = export_triton(args.bundle, args.out)
+    print(f"wrote a Triton model repository to {args.out}: {len(report)} encoders (ONNX)")
+    print("max |onnxruntime - torch| on held-out inputs:")
+    for m, diff in report.items():
+        print(f"  encoder_{m:10s} {diff:.2e}")
+    return 0
+
+
+def _perf_data(args) -> int:
+    from multimed.services.export import perf_analyzer_data
+
+    data = perf_analyzer_data(args.bundle, args.task, args.patients, args.seed)
+    args.out.write_text(json.dumps(data))
+    print(f"wrote {len(data['data'])} {args.task} requests to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimed", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -186,6 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("export", help="write the encoders as a Triton model repository")
+    p.add_argument("--format", choices=("triton",), default="triton")
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "perf-data", help="perf_analyzer --input-data for a task, from synthetic patients"
+    )
+    p.add_argument("--task", required=True)
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--patients", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_perf_data)
 
     p = sub.add_parser("serve", help="serve the model over gRPC (embedded local Ray)")
     p.add_argument("--config", type=Path, help="Ray Serve config (deploy/serve_config.yaml)")

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from multimed.models.catalog import CATALOG
 
@@ -34,6 +41,25 @@ class BatchConfig(Strict):
     torch_threads: int = Field(1, ge=1, le=256)
 
 
+class EncoderBackend(Strict):
+    """Where an encoder's trainable model runs. `triton`: the encoder decodes, preprocesses and
+    runs the frozen features stage itself, then sends each batch's model-ready tensor to an Open
+    Inference Protocol server (Triton with `multimed export`'s repository, or another MultiMed
+    gateway) over gRPC."""
+
+    backend: Literal["torch", "triton"] = "torch"
+    url: str | None = None  # host:port of the server's gRPC endpoint
+    model: str | None = None  # default: encoder_<modality>
+    timeout_s: float = Field(10.0, gt=0)  # per batch
+    auth_token: str | None = None  # sent as "authorization: Bearer <token>"
+
+    @model_validator(mode="after")
+    def _url_for_triton(self) -> EncoderBackend:
+        if self.backend == "triton" and not self.url:
+            raise ValueError("backend: triton needs url (host:port)")
+        return self
+
+
 class GatewaySettings(Strict):
     """The gRPC front door, run inside each router replica."""
 
@@ -57,6 +83,16 @@ class AppArgs(Strict):
     encoder_timeout_s: float = Field(30.0, gt=0)
     gateway: GatewaySettings = GatewaySettings()
     metrics_port: int | None = Field(8002, ge=0, le=65535)  # None: no /metrics endpoint
+    encoders: dict[str, EncoderBackend] = Field(default_factory=dict)  # by modality; default torch
+
+    @field_validator("encoders")
+    @classmethod
+    def _modalities(cls, encoders: dict[str, EncoderBackend]) -> dict[str, EncoderBackend]:
+        unknown = set(encoders) - set(CATALOG.modalities)
+        if unknown:
+            known = ", ".join(CATALOG.modalities)
+            raise ValueError(f"unknown modality {sorted(unknown)[0]!r}; known: {known}")
+        return encoders
 
 
 class DeploymentConfig(Strict):

@@ -13,7 +13,8 @@ from multimed.models.bundle import load_bundle
 from multimed.models.errors import InputError
 from multimed.models.modalities.base import Batch, RawInput
 from multimed.models.modalities.registry import build_pipeline
-from multimed.services.config import BatchConfig
+from multimed.services.config import BatchConfig, EncoderBackend
+from multimed.services.remote import TritonEncoder
 from multimed.services.types import Embedding
 
 log = logging.getLogger("multimed.encoder")
@@ -26,21 +27,27 @@ def pick_device(requested: str) -> str:
 
 
 class Encoder:
-    def __init__(self, modality: str, bundle: str, device: str = "auto"):
+    async def __init__(
+        self, modality: str, bundle: str, device: str = "auto", backend: dict | None = None
+    ):
         loaded = load_bundle(bundle)
         self.modality = modality
         self.bundle_version = loaded.version
         self.pipeline = build_pipeline(modality, loaded.config)
-        self.pipeline.setup(pick_device(device), loaded.encoder_state(modality))
+        settings = EncoderBackend.model_validate(backend or {})
+        if settings.backend == "triton":
+            self.pipeline.setup("cpu")  # the frozen features stage; the weights live remotely
+            self.remote = TritonEncoder(self.pipeline, settings)
+            await self.remote.check()
+            where = f"{settings.url} ({self.remote.model})"
+        else:
+            self.pipeline.setup(pick_device(device), loaded.encoder_state(modality))
+            self.remote = None
+            where = str(self.pipeline.device)
         self.waiting = 0
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.reconfigure(BatchConfig().model_dump())
-        log.info(
-            "encoder %s ready on %s (bundle %s)",
-            modality,
-            self.pipeline.device,
-            self.bundle_version,
-        )
+        log.info("encoder %s ready on %s (bundle %s)", modality, where, self.bundle_version)
 
     def reconfigure(self, user_config: dict) -> None:
         config = BatchConfig.model_validate(user_config)
@@ -78,11 +85,21 @@ class Encoder:
         batch_wait_timeout_s=BatchConfig().batch_wait_ms / 1000,
     )
     async def run_batch(self, items: list[Batch]) -> list[Embedding]:
-        out = self.pipeline.forward(self.pipeline.collate(items))
         depth = self.waiting
-        results = []
-        for item in self.pipeline.unbatch(out):
-            tokens = None if item.tokens is None else item.tokens[0].float().cpu().numpy()
-            pooled = item.pooled[0].float().cpu().numpy()
-            results.append(Embedding(pooled, tokens, len(items), depth, self.replica))
+        # Raw and model-ready items differ in their keys (text: token ids vs features): each
+        # kind is collated and run apart.
+        kinds: dict[tuple[str, ...], list[int]] = {}
+        for i, item in enumerate(items):
+            kinds.setdefault(tuple(sorted(item)), []).append(i)
+        results: list[Embedding] = [None] * len(items)  # type: ignore[list-item]
+        for members in kinds.values():
+            batch = self.pipeline.collate([items[i] for i in members])
+            if self.remote is None:
+                out = self.pipeline.forward(batch)
+            else:
+                out = await self.remote.forward(batch)
+            for i, item in zip(members, self.pipeline.unbatch(out), strict=True):
+                tokens = None if item.tokens is None else item.tokens[0].float().cpu().numpy()
+                pooled = item.pooled[0].float().cpu().numpy()
+                results[i] = Embedding(pooled, tokens, len(items), depth, self.replica)
         return results

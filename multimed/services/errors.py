@@ -9,10 +9,13 @@ from ray import exceptions as ray_exceptions
 from ray.serve.exceptions import BackPressureError
 
 from multimed.models import errors as e
+from multimed.services.oip import ModelNotFound, ProtocolError
 
 # Most specific first: the first matching class decides. Missing required modalities are
 # FAILED_PRECONDITION (the request is well formed; the task's precondition is not met).
 STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (e.InputError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.UnknownTask, grpc.StatusCode.INVALID_ARGUMENT),
     (e.UnknownModality, grpc.StatusCode.INVALID_ARGUMENT),
@@ -21,6 +24,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (e.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BackPressureError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.BundleError, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (asyncio.CancelledError, grpc.StatusCode.CANCELLED),
     (ray_exceptions.TaskCancelledError, grpc.StatusCode.CANCELLED),

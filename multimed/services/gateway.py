@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -19,9 +20,11 @@ from grpc_reflection.v1alpha import reflection
 
 from multimed.models.catalog import CATALOG
 from multimed.models.errors import Overloaded
-from multimed.services import convert, metrics
+from multimed.models.modalities.base import TensorSpec
+from multimed.services import convert, inference, metrics
 from multimed.services.config import GatewaySettings
 from multimed.services.errors import to_status
+from multimed.services.oip import build_models
 from multimed.services.types import PredictCall
 
 if TYPE_CHECKING:
@@ -33,20 +36,19 @@ log = logging.getLogger("multimed.gateway")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["MultiMed"].full_name
 REQUEST_ID = "x-request-id"
-UNAUTHENTICATED_OK = ("/grpc.health.v1.", "/grpc.reflection.")
+# Probes answer without a token: health, reflection, and the protocol's liveness / readiness.
+UNAUTHENTICATED_OK = (
+    "/grpc.health.v1.",
+    "/grpc.reflection.",
+    f"/{inference.SERVICE.full_name}/ServerLive",
+    f"/{inference.SERVICE.full_name}/ServerReady",
+)
 
 
 def task_label(task: str) -> str:
     """Metric label for a requested task: unknown names collapse, so a client cannot grow the
     label set without bound."""
     return task if task in CATALOG.tasks else "unknown"
-
-
-def _request_id(request_id: str, context: grpc.aio.ServicerContext) -> str:
-    if request_id:
-        return request_id
-    sent = dict(context.invocation_metadata() or ()).get(REQUEST_ID)
-    return sent or uuid.uuid4().hex
 
 
 class Coalescer:
@@ -117,6 +119,13 @@ class MultiMedService(pb_grpc.MultiMedServicer):
         self.settings = settings
         self.in_flight = 0
 
+    @staticmethod
+    def request_id(sent: str, context: grpc.aio.ServicerContext) -> str:
+        """The client's id (field, else x-request-id metadata), or a new one."""
+        if sent:
+            return sent
+        return dict(context.invocation_metadata() or ()).get(REQUEST_ID) or uuid.uuid4().hex
+
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         return self.settings.default_timeout_s if remaining is None else remaining
@@ -155,7 +164,7 @@ class MultiMedService(pb_grpc.MultiMedServicer):
             )
         return code, message, result
 
-    async def _serve(self, method: str, task: str, request_id: str, context, work):
+    async def serve(self, method: str, task: str, request_id: str, context, work):
         """A unary call: the request id goes back in metadata; an error aborts the call."""
         await context.send_initial_metadata(((REQUEST_ID, request_id),))
         code, message, result = await self._attempt(
@@ -185,8 +194,8 @@ class MultiMedService(pb_grpc.MultiMedServicer):
         return convert.result_to_wire(result, (time.perf_counter() - started) * 1000)
 
     async def Predict(self, request, context):
-        request_id = _request_id(request.request_id, context)
-        return await self._serve(
+        request_id = self.request_id(request.request_id, context)
+        return await self.serve(
             "Predict",
             task_label(request.task),
             request_id,
@@ -239,16 +248,16 @@ class MultiMedService(pb_grpc.MultiMedServicer):
             reader.cancel()
 
     async def Embed(self, request, context):
-        request_id = _request_id(request.request_id, context)
+        request_id = self.request_id(request.request_id, context)
 
         async def work(deadline: float):
             raw = convert.input_from_wire(request.input)
-            e = await self.router.embed(raw, deadline)
+            (e,) = await self.router.embed_many([raw], deadline)
             if isinstance(e, Exception):
                 raise e
             return convert.embedding_to_wire(request_id, raw.modality, e, self.manifest["version"])
 
-        return await self._serve("Embed", "", request_id, context, work)
+        return await self.serve("Embed", "", request_id, context, work)
 
     async def GetCatalog(self, request, context):
         return convert.catalog_to_wire()
@@ -288,11 +297,30 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return make[0](make[1], handler.request_deserializer, handler.response_serializer)
 
 
+@dataclass
+class Gateway:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    inference: inference.InferenceService
+
+    async def set_serving(self, serving: bool) -> None:
+        """Health (every service) and the protocol's readiness, together."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE, inference.SERVICE.full_name):
+            await self.health.set(name, status)
+        self.inference.ready = serving
+
+
 async def start_gateway(
-    router: Router, manifest: dict, settings: GatewaySettings
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Serve `router` (in this process) over gRPC. Health reports NOT_SERVING until
-    `set_serving` is called."""
+    router: Router, manifest: dict, specs: dict[str, TensorSpec], settings: GatewaySettings
+) -> Gateway:
+    """Serve `router` (in this process) over gRPC: multimed.v1 and the Open Inference Protocol
+    (`specs`: each modality's model-ready tensor). Not serving until `set_serving(True)`."""
     limit = int(settings.max_message_mb * 1024 * 1024)
     server = grpc.aio.server(
         interceptors=[TokenAuth(settings.auth_token)] if settings.auth_token else None,
@@ -303,23 +331,19 @@ async def start_gateway(
             ("grpc.so_reuseport", 1),
         ],
     )
-    pb_grpc.add_MultiMedServicer_to_server(MultiMedService(router, manifest, settings), server)
+    service = MultiMedService(router, manifest, settings)
+    pb_grpc.add_MultiMedServicer_to_server(service, server)
+    models = build_models(specs, manifest["config"]["embed_dim"])
+    inference_service = inference.InferenceService(service, models, settings.coalesce_max)
+    inference.oip_grpc.add_GRPCInferenceServiceServicer_to_server(inference_service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE, inference.SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
-    await set_serving(health_servicer, False)
-    return server, port, health_servicer
-
-
-async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if serving
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for name in ("", SERVICE):
-        await health_servicer.set(name, status)
+    gateway = Gateway(server, port, health_servicer, inference_service)
+    await gateway.set_serving(False)
+    return gateway

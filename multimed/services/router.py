@@ -22,9 +22,10 @@ from multimed.models.catalog import CATALOG
 from multimed.models.errors import InputError, MissingModality, MultiMedError
 from multimed.models.heads import Prediction
 from multimed.models.modalities.base import EncoderOutput, RawInput
+from multimed.models.modalities.registry import build_pipelines
 from multimed.models.tasks import TaskModels
 from multimed.services.config import GatewaySettings
-from multimed.services.gateway import set_serving, start_gateway
+from multimed.services.gateway import start_gateway
 from multimed.services.metrics import serve_metrics
 from multimed.services.types import Embedding, EncodeStats, PredictCall, PredictResult
 
@@ -95,7 +96,8 @@ class Router:
         self.gateway = None
         if gateway is not None:
             settings = GatewaySettings.model_validate(gateway)
-            self.gateway, _, self.health = await start_gateway(self, loaded.manifest, settings)
+            specs = {m: p.model_input() for m, p in build_pipelines(loaded.config).items()}
+            self.gateway = await start_gateway(self, loaded.manifest, specs, settings)
             if metrics_port is not None:
                 try:
                     serve_metrics(settings.host, metrics_port)
@@ -109,18 +111,26 @@ class Router:
     async def _serving_when_encoders_answer(self) -> None:
         """Health turns SERVING once every encoder has answered an (empty) call."""
         await asyncio.gather(*(h.encode_many.remote([]) for h in self.encoders.values()))
-        await set_serving(self.health, True)
+        await self.gateway.set_serving(True)
         log.info("gateway serving (bundle %s)", self.bundle_version)
 
-    async def embed(self, raw: RawInput, deadline: float | None = None):
-        """-> Embedding, or the input's error as a value (raised by the caller, so that replica
-        logs never carry an error message quoting the input)."""
-        try:
-            CATALOG.modality(raw.modality)
-        except MultiMedError as error:
-            return error
-        key = content_key(raw)
-        return (await self._encode({raw.modality: {key: raw}}, deadline))[key]
+    async def embed_many(
+        self, raws: list[RawInput], deadline: float | None = None
+    ) -> list[Embedding | MultiMedError]:
+        """-> per input an Embedding, or its error as a value (raised by the caller, so that
+        replica logs never carry an error message quoting the input)."""
+        keys: list[str | MultiMedError] = []
+        wanted: dict[str, dict[str, RawInput]] = {}
+        for raw in raws:
+            try:
+                CATALOG.modality(raw.modality)
+            except MultiMedError as error:
+                keys.append(error)
+                continue
+            keys.append(content_key(raw))
+            wanted.setdefault(raw.modality, {})[keys[-1]] = raw
+        encoded = await self._encode(wanted, deadline)
+        return [encoded[k] if isinstance(k, str) else k for k in keys]
 
     async def predict_many(self, calls: list[PredictCall]) -> list[PredictResult | Exception]:
         """Calls coalesced by the gateway: one encoder call per modality for the whole batch and

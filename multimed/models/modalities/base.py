@@ -45,6 +45,17 @@ class EncoderOutput:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """A modality's one model-ready tensor: what the trainable encoder reads once the frozen
+    features stage has run. Per item: no batch dimension, -1 where the length varies. It is the
+    input of the encoder's exported model and of its Open Inference Protocol tensor input."""
+
+    key: str  # its key in the batch dict
+    dtype: str  # numpy name: "float32", or "int64" for token ids
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class EEGRecord:
     """Decoded EEG: microvolts, one row per channel."""
 
@@ -102,6 +113,8 @@ class ModalityPipeline(ABC):
 
     def prepare(self, raw: RawInput) -> Batch:
         """decode + preprocess one input, checking its form first."""
+        if raw.form == InputForm.PREPROCESSED:  # every modality takes its model-ready tensor
+            return self.from_model_input(raw.data)
         if raw.form not in self.spec.forms:
             forms = ", ".join(sorted(self.spec.forms))
             raise self.error(f"input form {raw.form!s} is not accepted (accepted: {forms})")
@@ -118,6 +131,38 @@ class ModalityPipeline(ABC):
     def collate(self, items: Sequence[Batch]) -> Batch:
         """Items -> batch. Default stacks each key; variable-length modalities pad instead."""
         return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    # --- the model-ready tensor (see TensorSpec) ---
+
+    @abstractmethod
+    def model_input(self) -> TensorSpec:
+        """The encoder's one input tensor after `features`, per item."""
+
+    def from_model_input(self, data: Any) -> Batch:
+        """One item's model-ready tensor (no batch dimension) -> checked batch item, as
+        `features(preprocess(...))` would give it. Floats must be finite and of the exact shape."""
+        spec = self.model_input()
+        array = np.asarray(data)
+        if array.dtype != np.dtype(spec.dtype):
+            raise self.error(f"model-ready tensor must be {spec.dtype}, got {array.dtype}")
+        if len(array.shape) != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
+        ):
+            raise self.error(
+                f"model-ready tensor must have shape {list(spec.shape)} (per item), "
+                f"got {list(array.shape)}"
+            )
+        if array.dtype.kind == "f":
+            check_finite(self, array, "tensor")
+        return {spec.key: torch.from_numpy(np.array(array))}
+
+    def model_tensor(self, batch: Batch) -> Tensor:
+        """A featurised batch -> its one model-ready tensor [B, ...]."""
+        return batch[self.model_input().key]
+
+    def model_batch(self, tensor: Tensor) -> Batch:
+        """The inverse of `model_tensor`: what the encoder reads (traceable, for export)."""
+        return {self.model_input().key: tensor}
 
     # --- model ---
 

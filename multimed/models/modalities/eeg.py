@@ -18,6 +18,7 @@ from multimed.models.modalities.base import (
     EncoderOutput,
     ModalityPipeline,
     RawInput,
+    TensorSpec,
     as_float_array,
     check_finite,
     width,
@@ -116,6 +117,12 @@ class EEGPipeline(ModalityPipeline):
         pad = window - data.shape[1]  # centre zero-pad (zero = the channel mean)
         data = np.pad(data, ((0, 0), (pad // 2, pad - pad // 2)))
         return {"signal": torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))}
+
+    def model_input(self) -> TensorSpec:
+        s = self.settings
+        return TensorSpec(
+            "signal", "float32", (len(s.channels), round(s.window_s * s.sample_rate_hz))
+        )
 
     def build_encoder(self) -> nn.Module:
         f1, f2 = width(self.size, 8, 16), width(self.size, 16, 32)

@@ -20,6 +20,7 @@ from multimed.models.modalities.base import (
     EncoderOutput,
     ModalityPipeline,
     RawInput,
+    TensorSpec,
     as_float_array,
 )
 
@@ -112,6 +113,10 @@ class Image2DPipeline(ModalityPipeline):
             align_corners=False,
         )
         return {"image": normalise(image[0])}
+
+    def model_input(self) -> TensorSpec:
+        size = self.settings.image_size
+        return TensorSpec("image", "float32", (self.channels, size, size))
 
     def build_encoder(self) -> nn.Module:
         return ConvEncoder("image", self.channels, self.size, self.embed_dim)

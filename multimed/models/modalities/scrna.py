@@ -17,6 +17,7 @@ from multimed.models.modalities.base import (
     GeneCounts,
     ModalityPipeline,
     RawInput,
+    TensorSpec,
     as_float_array,
     check_finite,
     width,
@@ -103,6 +104,9 @@ class ScrnaPipeline(ModalityPipeline):
         counts = decoded.counts.astype(np.float32)
         normalised = np.log1p(counts / counts.sum() * self.settings.target_sum)
         return {"expression": torch.from_numpy(normalised)}
+
+    def model_input(self) -> TensorSpec:
+        return TensorSpec("expression", "float32", (len(self.settings.genes),))
 
     def build_encoder(self) -> nn.Module:
         return ScrnaEncoder(len(self.settings.genes), width(self.size, 256, 1024), self.embed_dim)

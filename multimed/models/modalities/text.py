@@ -18,6 +18,7 @@ from multimed.models.modalities.base import (
     EncoderOutput,
     ModalityPipeline,
     RawInput,
+    TensorSpec,
     pad_collate,
     width,
 )
@@ -112,6 +113,8 @@ class TextPipeline(ModalityPipeline):
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     def collate(self, items: Sequence[Batch]) -> Batch:
+        if "features" in items[0]:  # model-ready items (see TensorSpec)
+            return super().collate(items)
         padded = pad_collate(items, "input_ids", pad_value=self.tokenizer().pad_token_id)
         return {"input_ids": padded["input_ids"], "attention_mask": padded["mask"].long()}
 
@@ -119,6 +122,8 @@ class TextPipeline(ModalityPipeline):
     def features(self, batch: Batch) -> Batch:
         """Mean of the backbone's token states over the attention mask, L2-normalised (as
         sentence-transformers pools all-MiniLM-L6-v2)."""
+        if "features" in batch:  # already model-ready
+            return batch
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
         states = self.backbone()(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -131,10 +136,14 @@ class TextPipeline(ModalityPipeline):
         self.backbone()  # load (or move) now: setup is the slow step, not the first request
         return self
 
-    def build_encoder(self) -> nn.Module:
+    def hidden_size(self) -> int:
         from transformers import AutoConfig
 
-        hidden_size = AutoConfig.from_pretrained(
-            self.backbone_dir, local_files_only=True
-        ).hidden_size
-        return TextHead(hidden_size, width(self.size, 256, 512), self.embed_dim)
+        return AutoConfig.from_pretrained(self.backbone_dir, local_files_only=True).hidden_size
+
+    def model_input(self) -> TensorSpec:
+        """The backbone's pooled sentence features: the frozen stage runs where the text is."""
+        return TensorSpec("features", "float32", (self.hidden_size(),))
+
+    def build_encoder(self) -> nn.Module:
+        return TextHead(self.hidden_size(), width(self.size, 256, 512), self.embed_dim)

@@ -16,7 +16,13 @@ from multimed.models.catalog import InputForm
 from multimed.models.config import Frozen
 from multimed.models.data.dicom_io import MAX_VOXELS, read_dicom_series
 from multimed.models.data.image_io import MAX_SIDE
-from multimed.models.modalities.base import Batch, ModalityPipeline, RawInput, as_float_array
+from multimed.models.modalities.base import (
+    Batch,
+    ModalityPipeline,
+    RawInput,
+    TensorSpec,
+    as_float_array,
+)
 from multimed.models.modalities.image2d import MIN_SIDE, ConvEncoder, normalise
 
 
@@ -64,6 +70,10 @@ class VolumePipeline(ModalityPipeline):
             align_corners=False,
         )
         return {"volume": normalise(volume[0, 0])}
+
+    def model_input(self) -> TensorSpec:
+        s = self.settings
+        return TensorSpec("volume", "float32", (s.depth, s.image_size, s.image_size))
 
     def build_encoder(self) -> nn.Module:
         # 2.5-D: slices are the input channels of a 2-D CNN, cheap enough for CPU training.
