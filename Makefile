@@ -13,7 +13,9 @@ export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
 PROTOS := $(wildcard protos/multimed/v1/*.proto)
 STUBS := multimed/v1/multimed_pb2.py
 
-install: $(VENV)/.installed $(STUBS)
+PERF_ANALYZER := $(VENV)/perf_analyzer/bin/perf_analyzer
+
+install: $(VENV)/.installed $(STUBS) $(PERF_ANALYZER)
 
 # Stubs are generated from protos/ (the source of truth), never edited or committed.
 $(STUBS): $(PROTOS) $(VENV)/.installed
@@ -27,6 +29,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip check
 	touch $@
+
+# Triton's perf_analyzer (the protocol's load test): the binary in tritonclient 2.51's wheel, the
+# newest built for this glibc, installed apart so the project's own tritonclient stays current.
+# It also needs Debian's libb64-0d (root: apt-get install libb64-0d; .ci/run does).
+$(PERF_ANALYZER): | $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps --target $(VENV)/perf_analyzer \
+		tritonclient==2.51.0 nvidia-cuda-runtime-cu12==12.9.79
 
 bundle: $(BUNDLE)/manifest.json
 

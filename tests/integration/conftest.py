@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +61,13 @@ def cohort(tmp_path_factory) -> Path:
     return out
 
 
-def _serve_config(path: Path, bundle: Path) -> Path:
+def _serve_config(path: Path, bundle: Path, encoders: dict | None = None) -> Path:
+    """deploy/serve_config.yaml for tests: X-ray at two replicas; `encoders`: backends."""
     config = yaml.safe_load(Path("deploy/serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"]["bundle"] = str(bundle)
+    if encoders:
+        app["args"]["encoders"] = encoders
     for d in app["deployments"]:
         if d["name"] == "encoder-xray":
             d["num_replicas"] = 2
@@ -79,9 +83,10 @@ def _wait_serving(url: str, process: subprocess.Popen, log: Path) -> None:
         raise RuntimeError(f"{e}; its log:\n{log.read_text()[-3000:]}") from None
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, bundle, cohort) -> Server:
-    work = tmp_path_factory.mktemp("server")
+@contextmanager
+def running_server(work: Path, config: Path, token: str = TOKEN):
+    """`multimed serve` with `config` in a subprocess on free loopback ports, until the block
+    ends; -> (grpc url, metrics url, process)."""
     port, metrics_port = free_port(), free_port()
     log = work / "serve.log"
     command = [
@@ -91,7 +96,7 @@ def server(tmp_path_factory, bundle, cohort) -> Server:
         "-v",
         "serve",
         "--config",
-        str(_serve_config(work / "serve_config.yaml", bundle)),
+        str(config),
         "--host",
         "127.0.0.1",
         "--port",
@@ -99,7 +104,7 @@ def server(tmp_path_factory, bundle, cohort) -> Server:
         "--metrics-port",
         str(metrics_port),
         "--token",
-        TOKEN,
+        token,
         "--max-message-mb",
         str(MAX_MESSAGE_MB),
     ]
@@ -114,7 +119,7 @@ def server(tmp_path_factory, bundle, cohort) -> Server:
     url = f"127.0.0.1:{port}"
     try:
         _wait_serving(url, process, log)
-        yield Server(url, f"http://127.0.0.1:{metrics_port}/metrics", bundle, cohort, process)
+        yield url, f"http://127.0.0.1:{metrics_port}/metrics", process
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -122,3 +127,24 @@ def server(tmp_path_factory, bundle, cohort) -> Server:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its Ray
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, bundle, cohort) -> Server:
+    work = tmp_path_factory.mktemp("server")
+    config = _serve_config(work / "serve_config.yaml", bundle)
+    with running_server(work, config) as (url, metrics_url, process):
+        yield Server(url, metrics_url, bundle, cohort, process)
+
+
+@pytest.fixture(scope="session")
+def remote_server(server, tmp_path_factory):
+    """A second server whose X-ray, text and protein encoders run on the first server's
+    `encoder_<modality>` models, and whose OCT encoder points at a closed port."""
+    work = tmp_path_factory.mktemp("remote")
+    remote = {"backend": "triton", "url": server.url, "auth_token": TOKEN}
+    encoders = {m: remote for m in ("xray", "text", "protein")}  # image, features, tokens
+    encoders["oct"] = {"backend": "triton", "url": f"127.0.0.1:{free_port()}", "timeout_s": 2}
+    config = _serve_config(work / "serve_config.yaml", server.bundle, encoders)
+    with running_server(work, config) as (url, _, _):
+        yield url

@@ -1,5 +1,6 @@
 """Every registered modality, through the one contract: wire -> decode -> preprocess -> encode."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,44 @@ def test_unaccepted_form_is_refused_by_name(pipeline):
     wrong = next(f for f in InputForm if f not in CATALOG.modality(m).forms)
     with pytest.raises(InputError, match=rf"^{m}: input form {wrong}"):
         pipeline.prepare(RawInput(m, wrong, b"x"))
+
+
+def test_model_ready_tensor_gives_the_same_embedding(pipeline, patients):
+    """The Open Inference Protocol's tensor input (model-ready, after features) encodes as the
+    raw input does, alone or batched with raw items' tensors."""
+    decoded = [p.inputs[pipeline.modality] for p in patients[:2]]
+    items = [pipeline.preprocess(d) for d in decoded]
+    want = pipeline.forward(pipeline.collate(items)).pooled
+    tensors = pipeline.model_tensor(pipeline.features(pipeline.collate(items)))
+    spec = pipeline.model_input()
+    assert str(tensors.dtype).removeprefix("torch.") == spec.dtype
+    ready = [
+        pipeline.prepare(RawInput(pipeline.modality, InputForm.PREPROCESSED, t.numpy()))
+        for t in tensors
+    ]
+    got = pipeline.forward(pipeline.collate(ready)).pooled
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_model_ready_tensor_is_checked(pipeline):
+    spec = pipeline.model_input()
+    shape = tuple(12 if d == -1 else d for d in spec.shape)
+
+    def prepare(array):
+        return pipeline.prepare(RawInput(pipeline.modality, InputForm.PREPROCESSED, array))
+
+    with pytest.raises(InputError, match=f"must be {spec.dtype}"):
+        prepare(np.zeros(shape, dtype=np.float16))
+    with pytest.raises(InputError, match="must have shape"):
+        prepare(np.zeros((*shape, 2), dtype=spec.dtype))
+    if spec.dtype == "float32":
+        bad = np.zeros(shape, dtype=np.float32)
+        bad.flat[0] = np.nan
+        with pytest.raises(InputError, match="NaN"):
+            prepare(bad)
+    else:  # token ids: trailing padding is stripped, padding inside or out of range is not
+        pad = pipeline.pad_id()
+        ids = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, pad, pad], dtype=np.int64)
+        assert prepare(ids)["tokens"].shape == (10,)
+        with pytest.raises(InputError, match="token ids must lie"):
+            prepare(np.array([0, 1, pad, 2, 0, 1, 2, 3, 0, 1], dtype=np.int64))

@@ -24,6 +24,8 @@ def test_shipped_serve_config_is_valid():
     ("text", "complaint"),
     [
         ("applications: [{args: {bundel: x}}]", "bundel"),
+        ("applications: [{args: {encoders: {xray: {backend: triton}}}}]", "needs url"),
+        ("applications: [{args: {encoders: {smell: {backend: torch}}}}]", "unknown modality"),
         ("applications: [{deployments: [{name: encoder-smell}]}]", "unknown deployment"),
         ("applications: [{deployments: [{name: encoder-xray, num_replica: 2}]}]", "num_replica"),
         (
