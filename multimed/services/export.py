@@ -25,7 +25,7 @@ from multimed.models.catalog import CATALOG
 from multimed.models.data.synthetic import generate_cohort, task_inputs
 from multimed.models.modalities.base import ModalityPipeline
 from multimed.models.modalities.registry import build_pipeline
-from multimed.services.oip import CONFIG_TYPES, DATATYPES, encoder_model
+from multimed.services.oip import config_type, datatype_of, encoder_model
 
 ONNX_OPSET = 18  # the dynamo exporter's own; no version conversion
 MAX_BATCH_SIZE = 64
@@ -49,7 +49,7 @@ class _ModelReady(nn.Module):
 def model_ready(pipeline: ModalityPipeline, decoded: Sequence[object]) -> torch.Tensor:
     """Decoded synthetic inputs -> their model-ready batch (padded for sequences)."""
     batch = pipeline.collate([pipeline.preprocess(d) for d in decoded])
-    return pipeline.model_tensor(pipeline.features(batch))
+    return pipeline.model_tensor(pipeline.featurise(batch))
 
 
 def _decoded(modality: str, patients) -> list[object]:
@@ -77,9 +77,7 @@ def _config(modality: str, pipeline: ModalityPipeline, embed_dim: int) -> mc.Mod
         platform="onnxruntime_onnx",
         max_batch_size=MAX_BATCH_SIZE,
         input=[
-            mc.ModelInput(
-                name=modality, data_type=CONFIG_TYPES[DATATYPES[spec.dtype]], dims=spec.shape
-            )
+            mc.ModelInput(name=modality, data_type=config_type(datatype_of(spec)), dims=spec.shape)
         ],
         output=outputs,
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=QUEUE_DELAY_US),

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as oip
+from tritonclient.utils import (
+    deserialize_bytes_tensor,
+    np_to_triton_dtype,
+    serialize_byte_tensor,
+    triton_to_np_dtype,
+)
 
 from multimed.models.catalog import CATALOG, InputForm, OutputKind
 from multimed.models.errors import InputError, MultiMedError
@@ -22,9 +28,6 @@ from multimed.models.modalities.base import RawInput, TensorSpec
 
 VERSION = "1"  # one version of each model: the bundle being served
 ENCODER_PREFIX = "encoder_"
-DATATYPES = {"float32": "FP32", "int64": "INT64", "bool": "BOOL"}
-NUMPY = {"FP32": np.float32, "INT64": np.int64, "BOOL": np.bool_}
-CONFIG_TYPES = {"FP32": mc.TYPE_FP32, "INT64": mc.TYPE_INT64, "BYTES": mc.TYPE_STRING}
 # Raw wire forms as BYTES inputs; per item one element, a series one element per file.
 RAW_FORMS = {
     InputForm.TEXT: [1],
@@ -74,8 +77,18 @@ def encoder_model(modality: str) -> str:
     return f"{ENCODER_PREFIX}{modality}"
 
 
+def datatype_of(spec: TensorSpec) -> str:
+    """The protocol's name for a model-ready tensor's dtype (FP32, INT64)."""
+    return np_to_triton_dtype(np.dtype(spec.dtype))
+
+
+def config_type(datatype: str) -> int:
+    """Protocol datatype -> model config's enum (BYTES is TYPE_STRING there)."""
+    return mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+
+
 def modality_inputs(modality: str, spec: TensorSpec) -> list[TensorInfo]:
-    inputs = [TensorInfo(modality, DATATYPES[spec.dtype], spec.shape, modality)]
+    inputs = [TensorInfo(modality, datatype_of(spec), spec.shape, modality)]
     for form in sorted(CATALOG.modality(modality).forms):
         if form in RAW_FORMS:
             inputs.append(
@@ -139,12 +152,12 @@ def config(model: ModelSpec, max_batch_size: int) -> mc.ModelConfig:
         version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
         input=[
             mc.ModelInput(
-                name=t.name, data_type=CONFIG_TYPES[t.datatype], dims=t.dims, optional=True
+                name=t.name, data_type=config_type(t.datatype), dims=t.dims, optional=True
             )
             for t in model.inputs
         ],
         output=[
-            mc.ModelOutput(name=t.name, data_type=CONFIG_TYPES[t.datatype], dims=t.dims)
+            mc.ModelOutput(name=t.name, data_type=config_type(t.datatype), dims=t.dims)
             for t in model.outputs
         ],
         dynamic_batching=mc.ModelDynamicBatching(),
@@ -153,25 +166,6 @@ def config(model: ModelSpec, max_batch_size: int) -> mc.ModelConfig:
 
 
 # --- tensors ---
-
-
-def _split_bytes(buffer: bytes, name: str) -> list[bytes]:
-    """Triton's BYTES serialisation: each element a 4-byte little-endian length, then its bytes."""
-    out, offset = [], 0
-    while offset < len(buffer):
-        if offset + 4 > len(buffer):
-            raise ProtocolError(f"input {name!r}: truncated BYTES element length")
-        (length,) = struct.unpack_from("<I", buffer, offset)
-        offset += 4
-        if offset + length > len(buffer):
-            raise ProtocolError(f"input {name!r}: BYTES element overruns the tensor's data")
-        out.append(buffer[offset : offset + length])
-        offset += length
-    return out
-
-
-def join_bytes(items: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
 def read_input(
@@ -199,7 +193,16 @@ def read_input(
         )
     count = int(np.prod(shape))
     if info.datatype == "BYTES":
-        items = _split_bytes(raw, name) if raw is not None else list(tensor.contents.bytes_contents)
+        if raw is None:
+            items = list(tensor.contents.bytes_contents)
+        else:
+            try:
+                items = list(deserialize_bytes_tensor(raw))
+            except struct.error:
+                raise ProtocolError(
+                    f"input {name!r}: malformed BYTES data (each element: a 4-byte "
+                    "little-endian length, then that many bytes)"
+                ) from None
         if len(items) != count:
             raise ProtocolError(
                 f"input {name!r} of shape {list(shape)} needs {count} BYTES elements, "
@@ -208,7 +211,7 @@ def read_input(
         array = np.empty(count, dtype=object)
         array[:] = items
         return array.reshape(shape)
-    dtype = np.dtype(NUMPY[info.datatype]).newbyteorder("<")
+    dtype = np.dtype(triton_to_np_dtype(info.datatype)).newbyteorder("<")
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise ProtocolError(
@@ -247,10 +250,11 @@ def output_tensor(
     name: str, datatype: str, array: np.ndarray
 ) -> tuple[oip.ModelInferResponse.InferOutputTensor, bytes]:
     if datatype == "BYTES":
-        raw = join_bytes([b.encode() if isinstance(b, str) else b for b in array.reshape(-1)])
+        # One bytes object holding the length-prefixed elements (an empty array for none).
+        raw = serialize_byte_tensor(array).item() if array.size else b""
     else:
-        raw = np.ascontiguousarray(array, dtype=np.dtype(NUMPY[datatype]).newbyteorder("<"))
-        raw = raw.tobytes()
+        dtype = np.dtype(triton_to_np_dtype(datatype)).newbyteorder("<")
+        raw = np.ascontiguousarray(array, dtype=dtype).tobytes()
     tensor = oip.ModelInferResponse.InferOutputTensor(
         name=name, datatype=datatype, shape=list(array.shape)
     )

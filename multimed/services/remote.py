@@ -55,7 +55,7 @@ class TritonEncoder:
             log.warning("%s", self._unavailable("is not ready (yet)"))
 
     async def forward(self, batch: Batch) -> EncoderOutput:
-        featured = self.pipeline.features(batch)  # the frozen stage (MiniLM) runs here
+        featured = self.pipeline.featurise(batch)  # the frozen stage (MiniLM) runs here
         tensor = self.pipeline.model_tensor(featured).cpu()
         array = tensor.numpy()
         sent = InferInput(self.modality, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -77,6 +77,3 @@ class TritonEncoder:
         tokens = torch.from_numpy(result.as_numpy("tokens").copy())
         mask = self.pipeline.model_batch(tensor)["mask"][:, : tokens.shape[1]]
         return EncoderOutput(pooled, tokens, mask)
-
-    async def close(self) -> None:
-        await self.client.close()

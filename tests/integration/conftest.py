@@ -46,6 +46,11 @@ class Server:
     def client(self) -> MultiMedClient:
         return MultiMedClient(self.url, token=self.token)
 
+    @property
+    def patients(self) -> list[Path]:
+        """The synthetic cohort's patient folders, in order."""
+        return sorted(p for p in self.cohort.iterdir() if p.is_dir())
+
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:

@@ -133,7 +133,7 @@ def test_every_task_from_model_ready_tensors(client, ready, task):
 @pytest.mark.parametrize("modality", list(CATALOG.modalities))
 def test_every_encoder_raw_bytes_equals_embed_and_takes_tensors(server, client, ready, modality):
     """The raw file as BYTES gives the multimed.v1 Embed answer; model-ready tensors batch."""
-    folder = patient_dirs(server.cohort)[0]
+    folder = server.patients[0]
     result = client.infer(f"encoder_{modality}", [raw_tensor(folder, modality)], headers=HEADERS)
     with server.client() as sdk:
         embedded = sdk.embed(modality, folder / FILES[modality])
@@ -165,14 +165,12 @@ def test_asyncio_client_on_every_task_and_encoder(server, ready):
             return await asyncio.gather(*calls)
 
     results = asyncio.run(run())
-    assert len(results) == len(CATALOG.tasks) + len(CATALOG.modalities)
-    assert all(
-        r.as_numpy("scores") is not None or r.as_numpy("embedding") is not None for r in results
-    )
-
-
-def patient_dirs(cohort: Path) -> list[Path]:
-    return sorted(p for p in cohort.iterdir() if p.is_dir())
+    tasks, encoders = results[: len(CATALOG.tasks)], results[len(CATALOG.tasks) :]
+    for task, result in zip(CATALOG.tasks.values(), tasks, strict=True):
+        scores = result.as_numpy("scores")
+        assert scores.shape[0] == 2 and scores.shape[-1] == len(task.labels), task.id
+    embed_dim = load_bundle(server.bundle).config.embed_dim
+    assert [r.as_numpy("embedding").shape for r in encoders] == [(2, embed_dim)] * len(encoders)
 
 
 def _xray(shape=(1, 1, 64, 64), dtype=np.float32, value=0.5):

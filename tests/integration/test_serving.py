@@ -27,10 +27,6 @@ from multimed.services.client import AsyncMultiMedClient, MultiMedClient, predic
 from multimed.v1 import multimed_pb2 as pb
 
 
-def patient_dirs(cohort: Path) -> list[Path]:
-    return sorted(p for p in cohort.iterdir() if p.is_dir())
-
-
 def request_inputs(folder: Path, task: str, vqa_modality: str) -> dict[str, object]:
     """What a hospital client would send for `task`, from the files `multimed synth` wrote."""
     spec = CATALOG.task(task)
@@ -76,7 +72,7 @@ def labels(server):
 
 @pytest.mark.parametrize("task", list(CATALOG.tasks))
 def test_every_task_end_to_end_from_synth_files(server, client, labels, task):
-    folder = patient_dirs(server.cohort)[0]
+    folder = server.patients[0]
     inputs = request_inputs(folder, task, labels[folder.name]["vqa_modality"])
     response = client.predict(task, inputs, request_id=f"req-{task}")
     spec = CATALOG.task(task)
@@ -94,7 +90,7 @@ def test_every_task_end_to_end_from_synth_files(server, client, labels, task):
 
 
 def test_cli_predict_json(server):
-    folder = patient_dirs(server.cohort)[1]
+    folder = server.patients[1]
     out = subprocess.run(
         [
             sys.executable,
@@ -122,7 +118,7 @@ def test_cli_predict_json(server):
 
 
 def test_optional_modalities_missing_and_all_imaging(server, client):
-    folder = patient_dirs(server.cohort)[2]
+    folder = server.patients[2]
     only_xray = client.predict("disease_classification", {"xray": folder / "xray.dcm"})
     assert list(only_xray.modalities_used) == ["xray"]
     assert set(only_xray.modalities_missing) == {"ct", "mri", "text"}
@@ -142,7 +138,7 @@ def test_optional_modalities_missing_and_all_imaging(server, client):
 
 
 def test_second_task_on_same_inputs_hits_the_embedding_cache(server, client):
-    folder = patient_dirs(server.cohort)[0]
+    folder = server.patients[0]
     before = metric(scrape(server), "multimed_embedding_cache_total", modality="xray", result="hit")
     client.predict("bone_age_classification", {"xray": folder / "xray.dcm"})
     client.predict("radiographic_findings_classification", {"xray": folder / "xray.dcm"})
@@ -289,7 +285,7 @@ def test_one_bad_input_does_not_disturb_its_batch(server):
 
 
 def test_predict_stream_matches_by_id_and_reports_errors_inline(server, client):
-    folder = patient_dirs(server.cohort)[0]
+    folder = server.patients[0]
     requests = [
         predict_request(
             "bone_age_classification", {"xray": folder / "xray.dcm"}, request_id=f"s{i}"
@@ -305,7 +301,7 @@ def test_predict_stream_matches_by_id_and_reports_errors_inline(server, client):
 
 
 def test_embed_catalog_and_model_info(server, client):
-    folder = patient_dirs(server.cohort)[0]
+    folder = server.patients[0]
     protein = client.embed("protein", folder / "protein.fasta")
     info = client.model_info()
     assert list(protein.embedding.shape) == [info.embed_dim]

@@ -19,10 +19,6 @@ from multimed.models.data.files import FILES
 REMOTE = ("xray", "text", "protein")  # must match conftest's remote_server
 
 
-def patient_dirs(cohort):
-    return sorted(p for p in cohort.iterdir() if p.is_dir())
-
-
 def _embedding(response) -> np.ndarray:
     return np.frombuffer(response.embedding.data, dtype=np.float32)
 
@@ -30,7 +26,7 @@ def _embedding(response) -> np.ndarray:
 def test_triton_backend_embeddings_equal_in_process_ones(server, remote_server):
     from multimed.services.client import MultiMedClient
 
-    folder = patient_dirs(server.cohort)[1]
+    folder = server.patients[1]
     with server.client() as local, MultiMedClient(remote_server, token=server.token) as remote:
         for m in REMOTE:
             value = folder / FILES[m]
@@ -57,7 +53,7 @@ def test_triton_backend_embeddings_equal_in_process_ones(server, remote_server):
 def test_triton_backend_down_is_unavailable_naming_the_server(server, remote_server):
     from multimed.services.client import MultiMedClient
 
-    folder = patient_dirs(server.cohort)[0]
+    folder = server.patients[0]
     with MultiMedClient(remote_server, token=server.token) as remote:
         with pytest.raises(grpc.RpcError) as caught:
             remote.embed("oct", folder / FILES["oct"])

@@ -189,7 +189,11 @@ class ModalityPipeline(ABC):
         if self.encoder is None:
             raise RuntimeError(f"{self.modality} pipeline used before setup()")
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return self.encoder(self.features(batch))
+        return self.encoder(self.featurise(batch))
+
+    def featurise(self, batch: Batch) -> Batch:
+        """The features stage, unless the batch is model-ready already (`from_model_input`)."""
+        return batch if self.model_input().key in batch else self.features(batch)
 
     def encode(self, raws: Sequence[RawInput]) -> EncoderOutput:
         """Convenience for scripts and tests: prepare, collate and forward."""

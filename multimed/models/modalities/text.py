@@ -55,6 +55,7 @@ class TextPipeline(ModalityPipeline):
         super().__init__(*args, **kwargs)
         self._tokenizer: Any = None
         self._backbone: nn.Module | None = None
+        self._hidden_size: int | None = None
 
     @property
     def backbone_dir(self) -> Path:
@@ -122,8 +123,6 @@ class TextPipeline(ModalityPipeline):
     def features(self, batch: Batch) -> Batch:
         """Mean of the backbone's token states over the attention mask, L2-normalised (as
         sentence-transformers pools all-MiniLM-L6-v2)."""
-        if "features" in batch:  # already model-ready
-            return batch
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
         states = self.backbone()(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -137,9 +136,13 @@ class TextPipeline(ModalityPipeline):
         return self
 
     def hidden_size(self) -> int:
-        from transformers import AutoConfig
+        """Read once: `model_input` asks for it on every model-ready item."""
+        if self._hidden_size is None:
+            from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.backbone_dir, local_files_only=True).hidden_size
+            config = AutoConfig.from_pretrained(self.backbone_dir, local_files_only=True)
+            self._hidden_size = config.hidden_size
+        return self._hidden_size
 
     def model_input(self) -> TensorSpec:
         """The backbone's pooled sentence features: the frozen stage runs where the text is."""
