@@ -15,7 +15,8 @@ from multimed.models.bundle import load_bundle
 from multimed.models.catalog import CATALOG
 from multimed.models.modalities.registry import build_pipeline
 from multimed.models.tasks import TaskModels
-from multimed.services import convert
+from multimed.services.frontends.multimed_v1.convert import response_to_wire
+from multimed.services.frontends.multimed_v1.inputs import input_from_wire
 from multimed.services.types import PredictResult
 from multimed.v1 import multimed_pb2_grpc as pb_grpc
 
@@ -34,7 +35,7 @@ class PlainService(pb_grpc.MultiMedServicer):
 
     async def Predict(self, request, context):
         started = time.perf_counter()
-        inputs = [convert.input_from_wire(i) for i in request.inputs]
+        inputs = [input_from_wire(i) for i in request.inputs]
         outputs = {r.modality: self.pipelines[r.modality].encode([r]) for r in inputs}
         prediction = self.tasks.predict(request.task, outputs)[0]
         spec = CATALOG.task(request.task)
@@ -48,7 +49,7 @@ class PlainService(pb_grpc.MultiMedServicer):
             0.0,
             0.0,
         )
-        return convert.result_to_wire(result, (time.perf_counter() - started) * 1000)
+        return response_to_wire(result, (time.perf_counter() - started) * 1000)
 
 
 async def main() -> None:

@@ -26,12 +26,12 @@ import grpc
 import numpy as np
 import torch
 
+from multimed.client.sdk import predict_request
 from multimed.models.bundle import load_bundle, save_bundle
 from multimed.models.catalog import CATALOG, InputForm
-from multimed.models.modalities.base import RawInput
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.registry import build_pipeline
 from multimed.models.tasks import TaskModels
-from multimed.services.client import predict_request
 from multimed.services.server import wait_serving
 from multimed.v1 import multimed_pb2_grpc as pb_grpc
 
@@ -236,7 +236,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "multimed.services.cli",
+            "multimed.cli",
             "serve",
             "--config",
             args.config,

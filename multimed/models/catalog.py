@@ -151,7 +151,7 @@ IMAGING = ("xray", "ct", "mri")
 
 
 def _pbmc_genes() -> tuple[str, ...]:
-    text = resources.files("multimed.models.data").joinpath("pbmc68k_genes.txt").read_text()
+    text = resources.files("multimed.models.resources").joinpath("pbmc68k_genes.txt").read_text()
     return tuple(line for line in text.splitlines() if line)
 
 

@@ -4,39 +4,12 @@ plus modality ablations: each accepted modality alone and each one left out."""
 from __future__ import annotations
 
 import torch
-from sklearn.metrics import r2_score, roc_auc_score
 from torch import Tensor
 
-from multimed.models.catalog import OutputKind
-from multimed.models.dataset import CohortTensors, TaskData
+from multimed.models.cohort.dataset import CohortTensors, TaskData
+from multimed.models.outputs import output_of
 
 EVAL_BATCH = 128
-
-
-def _metric(kind: OutputKind, raw: Tensor, target: Tensor) -> float:
-    if kind in (OutputKind.SINGLE_LABEL, OutputKind.ANSWER):
-        return float((raw.argmax(-1) == target).float().mean())
-    if kind is OutputKind.MULTI_LABEL:
-        return float(roc_auc_score(target.numpy(), raw.numpy(), average="macro"))
-    if kind is OutputKind.REGRESSION:
-        return float(r2_score(target.numpy(), raw.numpy()))
-    mask = target >= 0
-    return float((raw.argmax(-1)[mask] == target[mask]).float().mean())
-
-
-def _baseline(kind: OutputKind, train: Tensor, test: Tensor) -> float:
-    """The metric of a predictor that ignores its inputs, fitted on the training labels."""
-    n_test = test.shape[0]
-    if kind in (OutputKind.SINGLE_LABEL, OutputKind.ANSWER):
-        majority = torch.bincount(train).argmax()
-        return float((test == majority).float().mean())
-    if kind is OutputKind.MULTI_LABEL:
-        return _metric(kind, torch.full(test.shape, 0.5), test)
-    if kind is OutputKind.REGRESSION:
-        return _metric(kind, train.mean(0).expand(n_test, -1), test)
-    majority = torch.bincount(train[train >= 0]).argmax()
-    mask = test >= 0
-    return float((test[mask] == majority).float().mean())
 
 
 @torch.no_grad()
@@ -45,10 +18,7 @@ def _raw_outputs(model, data: CohortTensors, task: TaskData, idx: Tensor, presen
         model.task_outputs(data, task, idx[i : i + EVAL_BATCH], present[i : i + EVAL_BATCH])
         for i in range(0, len(idx), EVAL_BATCH)
     ]
-    if task.spec.output is OutputKind.PER_TOKEN:
-        longest = max(c.shape[1] for c in chunks)
-        chunks = [torch.nn.functional.pad(c, (0, 0, 0, longest - c.shape[1])) for c in chunks]
-    return torch.cat(chunks)
+    return output_of(task.spec).cat(chunks)
 
 
 def _score(model, data, task: TaskData, idx: Tensor, present: Tensor) -> float | None:
@@ -57,10 +27,7 @@ def _score(model, data, task: TaskData, idx: Tensor, present: Tensor) -> float |
         return None
     idx, present = idx[keep], present[keep]
     raw = _raw_outputs(model, data, task, idx, present)
-    target = task.target[idx]
-    if task.spec.output is OutputKind.PER_TOKEN:
-        target = target[:, : raw.shape[1]]
-    return round(_metric(task.spec.output, raw, target), 4)
+    return round(output_of(task.spec).metric(raw, task.target[idx]), 4)
 
 
 def evaluate(model, data: CohortTensors, train_idx: Tensor, test_idx: Tensor) -> dict:
@@ -70,11 +37,11 @@ def evaluate(model, data: CohortTensors, train_idx: Tensor, test_idx: Tensor) ->
     tasks, ablations = {}, {}
     for t, task in data.tasks.items():
         present = task.present[test_idx]
-        kind = task.spec.output
+        baseline = output_of(task.spec).baseline(task.target[train_idx], task.target[test_idx])
         tasks[t] = {
             "metric": task.spec.metric,
             "value": _score(model, data, task, test_idx, present),
-            "baseline": round(_baseline(kind, task.target[train_idx], task.target[test_idx]), 4),
+            "baseline": round(baseline, 4),
             "n": len(test_idx),
         }
         used = [j for j, m in enumerate(task.spec.accepted) if m in task.sources]

@@ -6,8 +6,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from multimed.models.bundle import Bundle
+from multimed.models.cohort.dataset import CohortTensors, TaskData, select
 from multimed.models.config import ModelConfig
-from multimed.models.dataset import CohortTensors, TaskData, select
 from multimed.models.modalities.base import ModalityPipeline
 from multimed.models.modalities.registry import build_pipelines
 from multimed.models.tasks import TaskModels

@@ -7,11 +7,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from multimed.models.catalog import CATALOG, OutputKind, TaskSpec
+from multimed.models.catalog import CATALOG, TaskSpec
 from multimed.models.config import ModelConfig
 from multimed.models.fusion import build_fusion
-from multimed.models.heads import Head, Prediction, to_predictions
+from multimed.models.heads import Head
 from multimed.models.modalities.base import EncoderOutput
+from multimed.models.outputs import Prediction, output_of
 
 
 class TaskModel(nn.Module):
@@ -48,8 +49,8 @@ class TaskModels(nn.Module):
         batch = next(iter(embeddings.values())).shape[0]
         present = {m: torch.ones(batch, dtype=torch.bool) for m in embeddings}
         tokens = mask = None
-        if spec.output is OutputKind.PER_TOKEN:
+        if spec.token_modality:  # the modality whose tokens a per-token head labels
             tokens = outputs[spec.token_modality].tokens
             mask = outputs[spec.token_modality].token_mask
         raw = self.tasks[task_id](embeddings, present, tokens)
-        return to_predictions(spec, raw, mask)
+        return output_of(spec).predictions(spec.labels, raw, mask)

@@ -16,15 +16,16 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from multimed.models.bundle import Bundle, load_bundle, save_bundle
-from multimed.models.catalog import CATALOG, OutputKind
+from multimed.models.catalog import CATALOG
+from multimed.models.codecs.types import GeneCounts
+from multimed.models.cohort.dataset import CohortTensors, TaskData, build_tensors
+from multimed.models.cohort.synthetic import generate_cohort, load_pbmc68k
 from multimed.models.config import Frozen, ModelConfig
-from multimed.models.data.synthetic import generate_cohort, load_pbmc68k
-from multimed.models.dataset import CohortTensors, TaskData, build_tensors
 from multimed.models.evaluate import evaluate
-from multimed.models.heads import loss
-from multimed.models.modalities.base import GeneCounts, ModalityPipeline
+from multimed.models.modalities.base import ModalityPipeline
 from multimed.models.modalities.registry import build_pipelines
 from multimed.models.model import Model
+from multimed.models.outputs import output_of
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +202,7 @@ def _step_loss(model: Model, data: CohortTensors, idx: Tensor, s: TrainSettings,
         # dropped at random so that each subset a request may carry is seen.
         present = modality_dropout(task, task.available[idx], s, gen)
         raw = model.task_outputs(data, task, idx, present)
-        target = task.target[idx]
-        mask = None
-        if task.spec.output is OutputKind.PER_TOKEN:
-            target = target[:, : raw.shape[1]]
-            mask = target >= 0
-        total = total + loss(task.spec.output, raw, target, mask)
+        total = total + output_of(task.spec).loss(raw, task.target[idx])
     return total
 
 

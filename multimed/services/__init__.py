@@ -1,15 +1,14 @@
-"""Serving: encoder deployments, the fusion router, the gRPC gateway, the client SDK and CLI.
-
-The public surface is short; names load on first use so that `multimed catalog` and the client
-do not pay for Ray."""
+"""Serving: the encoder deployments, the router and its replica, the data plane and the front
+doors. The public surface is short; names load on first use so that `multimed catalog` does not
+pay for Ray. The client SDK is `multimed.client`."""
 
 from importlib import import_module
 
-__all__ = ["AsyncMultiMedClient", "MultiMedClient", "build_app"]
+__all__ = ["DataPlane", "Router", "build_app"]
 
 _WHERE = {
-    "AsyncMultiMedClient": "multimed.services.client",
-    "MultiMedClient": "multimed.services.client",
+    "DataPlane": "multimed.services.dataplane",
+    "Router": "multimed.services.router",
     "build_app": "multimed.services.app",
 }
 

@@ -1,4 +1,4 @@
-"""The Ray Serve application: ten encoder deployments from one class, and the router.
+"""The Ray Serve application: ten encoder deployments from one class, and the router replica.
 `build_app` is the import path in `deploy/serve_config.yaml`, so `serve deploy` builds the same
 application that `multimed serve` runs."""
 
@@ -12,7 +12,7 @@ from ray.serve import Application
 from multimed.models.catalog import CATALOG
 from multimed.services.config import ROUTER, AppArgs, ApplicationConfig, encoder_deployment
 from multimed.services.encoder import Encoder
-from multimed.services.router import Router
+from multimed.services.replica import RouterReplica
 
 # Defaults sized for one small machine; the serve config overrides them per deployment.
 # Batching needs max_ongoing_requests well above the batch size: Ray's default of 5 starves it.
@@ -37,7 +37,7 @@ def build(config: ApplicationConfig) -> Application:
         encoders[m] = deployment.bind(
             m, args.bundle, args.device, backend.model_dump() if backend else None
         )
-    router = serve.deployment(Router).options(
+    router = serve.deployment(RouterReplica).options(
         name=ROUTER, **{**ROUTER_DEFAULTS, **config.deployment(ROUTER)}
     )
     return router.bind(

@@ -41,6 +41,21 @@ class BatchConfig(Strict):
     torch_threads: int = Field(1, ge=1, le=256)
 
 
+class ClientTLS(Strict):
+    """TLS on an outgoing gRPC channel: the CA that signs the server's certificate (default: the
+    system's roots) and, for mTLS, this client's own certificate and key. PEM file paths."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTLS:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+        return self
+
+
 class EncoderBackend(Strict):
     """Where an encoder's trainable model runs. `triton`: the encoder decodes, preprocesses and
     runs the frozen features stage itself, then sends each batch's model-ready tensor to an Open
@@ -51,7 +66,8 @@ class EncoderBackend(Strict):
     url: str | None = None  # host:port of the server's gRPC endpoint
     model: str | None = None  # default: encoder_<modality>
     timeout_s: float = Field(10.0, gt=0)  # per batch
-    auth_token: str | None = None  # sent as "authorization: Bearer <token>"
+    token_file: str | None = None  # its first token is sent as "authorization: Bearer <token>"
+    tls: ClientTLS | None = None  # None: plaintext
 
     @model_validator(mode="after")
     def _url_for_triton(self) -> EncoderBackend:
@@ -60,8 +76,18 @@ class EncoderBackend(Strict):
         return self
 
 
+class TLSSettings(Strict):
+    """The listener's certificate and key, and with `client_ca` mutual TLS: a client must show a
+    certificate signed by that CA. PEM file paths; the files are read again when they change."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
 class GatewaySettings(Strict):
-    """The gRPC front door, run inside each router replica."""
+    """The gRPC front doors, run inside each router replica. Secrets are never values here: the
+    token file and TLS key are paths (tokens may also come from MULTIMED_TOKEN)."""
 
     host: str = "127.0.0.1"
     port: int = Field(8001, ge=0, le=65535)  # 0: any free port
@@ -69,7 +95,9 @@ class GatewaySettings(Strict):
     max_in_flight: int = Field(1024, ge=1)  # past this, RESOURCE_EXHAUSTED instead of queueing
     default_timeout_s: float = Field(60, gt=0)  # for calls that carry no deadline
     stream_concurrency: int = Field(256, ge=1)  # requests in progress per PredictStream
-    auth_token: str | None = None  # when set, calls need "authorization: Bearer <token>"
+    token_file: str | None = None  # named bearer tokens (see frontends/auth.py); None: no file
+    tls: TLSSettings | None = None  # None: plaintext (loopback only, or TLS in front)
+    audit_log: str | None = None  # also append the audit log's JSON lines to this file
     coalesce_max: int = Field(64, ge=1)  # Predict calls per router call
     coalesce_slots: int = Field(2, ge=1)  # router calls in flight at once
 

@@ -11,7 +11,8 @@ from ray import serve
 
 from multimed.models.bundle import load_bundle
 from multimed.models.errors import InputError
-from multimed.models.modalities.base import Batch, RawInput
+from multimed.models.inputs import RawInput
+from multimed.models.modalities.base import Batch
 from multimed.models.modalities.registry import build_pipeline
 from multimed.services.config import BatchConfig, EncoderBackend
 from multimed.services.remote import TritonEncoder

@@ -1,34 +1,67 @@
-"""The one mapping from domain errors to gRPC status codes."""
+"""The one mapping from errors to statuses. Every front door answers with these; each status names
+its gRPC code and its HTTP status, so a new protocol reads the same table."""
 
 from __future__ import annotations
 
 import asyncio
+from enum import Enum
 
-import grpc
 from ray import exceptions as ray_exceptions
 from ray.serve.exceptions import BackPressureError
 
 from multimed.models import errors as e
-from multimed.services.oip import ModelNotFound, ProtocolError
+
+
+class ProtocolError(e.MultiMedError):
+    """A request that breaks its protocol or a model's metadata (INVALID_ARGUMENT)."""
+
+
+class ModelNotFound(e.MultiMedError):
+    """No such model or version (NOT_FOUND)."""
+
+
+class Status(Enum):
+    """(gRPC code, HTTP status). The names are gRPC's, so `grpc.StatusCode[status.name]`."""
+
+    OK = (0, 200)
+    CANCELLED = (1, 499)
+    INVALID_ARGUMENT = (3, 400)
+    DEADLINE_EXCEEDED = (4, 504)
+    NOT_FOUND = (5, 404)
+    RESOURCE_EXHAUSTED = (8, 429)
+    FAILED_PRECONDITION = (9, 422)
+    UNIMPLEMENTED = (12, 501)
+    INTERNAL = (13, 500)
+    UNAVAILABLE = (14, 503)
+    UNAUTHENTICATED = (16, 401)
+
+    @property
+    def grpc_code(self) -> int:
+        return self.value[0]
+
+    @property
+    def http_status(self) -> int:
+        return self.value[1]
+
 
 # Most specific first: the first matching class decides. Missing required modalities are
 # FAILED_PRECONDITION (the request is well formed; the task's precondition is not met).
-STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
-    (e.InputError, grpc.StatusCode.INVALID_ARGUMENT),
-    (e.UnknownTask, grpc.StatusCode.INVALID_ARGUMENT),
-    (e.UnknownModality, grpc.StatusCode.INVALID_ARGUMENT),
-    (e.UnexpectedModality, grpc.StatusCode.INVALID_ARGUMENT),
-    (e.MissingModality, grpc.StatusCode.FAILED_PRECONDITION),
-    (e.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (BackPressureError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (e.BundleError, grpc.StatusCode.FAILED_PRECONDITION),
-    (e.BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (asyncio.CancelledError, grpc.StatusCode.CANCELLED),
-    (ray_exceptions.TaskCancelledError, grpc.StatusCode.CANCELLED),
-    (ray_exceptions.RayActorError, grpc.StatusCode.UNAVAILABLE),
+STATUS: tuple[tuple[type[BaseException], Status], ...] = (
+    (ProtocolError, Status.INVALID_ARGUMENT),
+    (ModelNotFound, Status.NOT_FOUND),
+    (e.InputError, Status.INVALID_ARGUMENT),
+    (e.UnknownTask, Status.INVALID_ARGUMENT),
+    (e.UnknownModality, Status.INVALID_ARGUMENT),
+    (e.UnexpectedModality, Status.INVALID_ARGUMENT),
+    (e.MissingModality, Status.FAILED_PRECONDITION),
+    (e.Overloaded, Status.RESOURCE_EXHAUSTED),
+    (BackPressureError, Status.RESOURCE_EXHAUSTED),
+    (e.BundleError, Status.FAILED_PRECONDITION),
+    (e.BackendUnavailable, Status.UNAVAILABLE),
+    (TimeoutError, Status.DEADLINE_EXCEEDED),
+    (asyncio.CancelledError, Status.CANCELLED),
+    (ray_exceptions.TaskCancelledError, Status.CANCELLED),
+    (ray_exceptions.RayActorError, Status.UNAVAILABLE),
 )
 
 
@@ -39,11 +72,11 @@ def unwrap(error: BaseException) -> BaseException:
     return error
 
 
-def to_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
+def to_status(error: BaseException) -> tuple[Status, str]:
     error = unwrap(error)
-    for cls, code in STATUS:
+    for cls, status in STATUS:
         if isinstance(error, cls):
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                return code, "deadline exceeded before the answer was ready"
-            return code, str(error) or cls.__name__
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see server logs"
+            if status is Status.DEADLINE_EXCEEDED:
+                return status, "deadline exceeded before the answer was ready"
+            return status, str(error) or cls.__name__
+    return Status.INTERNAL, f"internal error ({type(error).__name__}); see server logs"

@@ -22,10 +22,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from multimed.models.bundle import load_bundle
 from multimed.models.catalog import CATALOG
-from multimed.models.data.synthetic import generate_cohort, task_inputs
+from multimed.models.cohort.synthetic import generate_cohort, task_inputs
 from multimed.models.modalities.base import ModalityPipeline
 from multimed.models.modalities.registry import build_pipeline
-from multimed.services.oip import config_type, datatype_of, encoder_model
+from multimed.services.triton import encoder_model, encoder_signature, model_config
 
 ONNX_OPSET = 18  # the dynamo exporter's own; no version conversion
 MAX_BATCH_SIZE = 64
@@ -67,20 +67,15 @@ def _name_outputs(graph, names: list[str]) -> None:
         value.name = name
 
 
-def _config(modality: str, pipeline: ModalityPipeline, embed_dim: int) -> mc.ModelConfig:
-    spec = pipeline.model_input()
-    outputs = [mc.ModelOutput(name="embedding", data_type=mc.TYPE_FP32, dims=[embed_dim])]
-    if CATALOG.modality(modality).emits_tokens:
-        outputs.append(mc.ModelOutput(name="tokens", data_type=mc.TYPE_FP32, dims=[-1, embed_dim]))
-    return mc.ModelConfig(
-        name=encoder_model(modality),
-        platform="onnxruntime_onnx",
+def _config(pipeline: ModalityPipeline, embed_dim: int) -> mc.ModelConfig:
+    signature = encoder_signature(pipeline.modality, pipeline.model_input(), embed_dim)
+    return model_config(
+        encoder_model(pipeline.modality),
+        [signature.input],
+        signature.outputs,
         max_batch_size=MAX_BATCH_SIZE,
-        input=[
-            mc.ModelInput(name=modality, data_type=config_type(datatype_of(spec)), dims=spec.shape)
-        ],
-        output=outputs,
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=QUEUE_DELAY_US),
+        platform="onnxruntime_onnx",
+        queue_delay_us=QUEUE_DELAY_US,
     )
 
 
@@ -114,7 +109,8 @@ def export_triton(bundle: Path, out: Path, seed: int = 0) -> dict[str, float]:
         varying = {0: "batch"}
         if -1 in pipeline.model_input().shape:
             varying[1] = "length"
-        outputs = ["embedding"] + (["tokens"] if CATALOG.modality(m).emits_tokens else [])
+        config = _config(pipeline, loaded.config.embed_dim)
+        outputs = [o.name for o in config.output]
         dims = {axis: torch.export.Dim.DYNAMIC for axis in varying}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -129,7 +125,6 @@ def export_triton(bundle: Path, out: Path, seed: int = 0) -> dict[str, float]:
             )
         _name_outputs(program.model.graph, outputs)
         program.save(str(folder / "1" / "model.onnx"))
-        config = _config(m, pipeline, loaded.config.embed_dim)
         (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
         report[m] = _check(folder / "1" / "model.onnx", pipeline, held_out)
     (out / "export.json").write_text(

@@ -11,11 +11,11 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from multimed.models.catalog import CATALOG
 from multimed.models.errors import BackendUnavailable
 from multimed.models.modalities.base import Batch, EncoderOutput, ModalityPipeline
-from multimed.services.config import EncoderBackend
-from multimed.services.oip import encoder_model
+from multimed.services.config import ClientTLS, EncoderBackend
+from multimed.services.tokens import client_token
+from multimed.services.triton import encoder_model, encoder_signature
 
 log = logging.getLogger("multimed.remote")
 
@@ -27,13 +27,11 @@ class TritonEncoder:
         self.url = settings.url
         self.model = settings.model or encoder_model(self.modality)
         self.timeout_s = settings.timeout_s
-        self.headers = (
-            {"authorization": f"Bearer {settings.auth_token}"} if settings.auth_token else None
-        )
-        self.outputs = ["embedding"]
-        if CATALOG.modality(self.modality).emits_tokens:
-            self.outputs.append("tokens")
-        self.client = triton_aio.InferenceServerClient(self.url)
+        token = client_token(settings.token_file) if settings.token_file else None
+        self.headers = {"authorization": f"Bearer {token}"} if token else None
+        signature = encoder_signature(self.modality, pipeline.model_input(), pipeline.embed_dim)
+        self.outputs = signature.output_names
+        self.client = triton_aio.InferenceServerClient(self.url, **_tls(settings.tls))
 
     def _unavailable(self, problem: str) -> BackendUnavailable:
         return BackendUnavailable(
@@ -77,3 +75,15 @@ class TritonEncoder:
         tokens = torch.from_numpy(result.as_numpy("tokens").copy())
         mask = self.pipeline.model_batch(tensor)["mask"][:, : tokens.shape[1]]
         return EncoderOutput(pooled, tokens, mask)
+
+
+def _tls(tls: ClientTLS | None) -> dict:
+    """tritonclient's channel arguments (it reads PEM files by path)."""
+    if tls is None:
+        return {}
+    return {
+        "ssl": True,
+        "root_certificates": tls.ca,
+        "private_key": tls.key,
+        "certificate_chain": tls.cert,
+    }

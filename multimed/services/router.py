@@ -1,118 +1,63 @@
 """The fusion router: looks the task up in the catalog, asks only the encoders it needs (all at
-once), then fuses what is present and runs the task head. An embedding cache keyed by (modality,
-content hash, bundle version) lets a second task on the same inputs skip the encoders."""
+once), then fuses what is present and runs the task head. It knows no protocol: the replica that
+hosts it (`replica.py`) puts the front doors in front of it."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import replace
 
 import numpy as np
 import torch
-from ray.serve.handle import DeploymentHandle
 
-from multimed.models.bundle import load_bundle
 from multimed.models.catalog import CATALOG
 from multimed.models.errors import InputError, MissingModality, MultiMedError
-from multimed.models.heads import Prediction
-from multimed.models.modalities.base import EncoderOutput, RawInput
-from multimed.models.modalities.registry import build_pipelines
+from multimed.models.inputs import RawInput
+from multimed.models.modalities.base import EncoderOutput
+from multimed.models.outputs import Prediction
 from multimed.models.tasks import TaskModels
-from multimed.services.config import GatewaySettings
-from multimed.services.gateway import start_gateway
-from multimed.services.metrics import serve_metrics
+from multimed.services.cache import EmbeddingCache, content_key
 from multimed.services.types import Embedding, EncodeStats, PredictCall, PredictResult
 
 log = logging.getLogger("multimed.router")
 
 
-def content_key(raw: RawInput) -> str:
-    """A digest of an input's content and form (not of the Python object)."""
-    h = hashlib.sha256(f"{raw.modality}\0{raw.form}\0".encode())
-    data = raw.data
-    if isinstance(data, str):
-        h.update(data.encode())
-    elif isinstance(data, bytes | bytearray | memoryview):
-        h.update(data)
-    elif isinstance(data, np.ndarray):
-        h.update(f"{data.dtype}{data.shape}".encode())
-        h.update(np.ascontiguousarray(data).tobytes())
-    elif isinstance(data, Mapping):
-        h.update(json.dumps(data, sort_keys=True).encode())
-    else:  # a DICOM series: each file, length-prefixed
-        for part in data:
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(part)
-    return h.hexdigest()
-
-
-class EmbeddingCache:
-    def __init__(self, entries: int):
-        self.entries = entries
-        self._items: OrderedDict[tuple[str, str], Embedding] = OrderedDict()
-
-    def get(self, key: tuple[str, str]) -> Embedding | None:
-        hit = self._items.get(key)
-        if hit is not None:
-            self._items.move_to_end(key)
-        return hit
-
-    def put(self, key: tuple[str, str], value: Embedding) -> None:
-        if self.entries == 0:
-            return
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.entries:
-            self._items.popitem(last=False)
+def group_calls(
+    calls: list[PredictCall], embeddings: list[Mapping[str, Embedding] | Exception]
+) -> dict[tuple, list[int]]:
+    """Calls that can share one fusion pass: same task, same modalities present, same explain
+    flag. -> (task, modalities, explain) -> indices of `calls`; failed calls join no group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (call, present) in enumerate(zip(calls, embeddings, strict=True)):
+        if not isinstance(present, Exception):
+            groups.setdefault((call.task, tuple(sorted(present)), call.explain), []).append(i)
+    return groups
 
 
 class Router:
-    """Holds the task models and the embedding cache, and runs the gRPC gateway in-process."""
+    """Holds the task models, the embedding cache and the encoder handles (Ray Serve deployment
+    handles in production: anything whose `encode_many.remote(raws)` awaits per-input results)."""
 
-    async def __init__(
+    def __init__(
         self,
-        encoders: dict[str, DeploymentHandle],
-        bundle: str,
+        encoders: Mapping,
+        tasks: TaskModels,
+        bundle_version: str,
         cache_entries: int = 4096,
         encoder_timeout_s: float = 30.0,
-        gateway: dict | None = None,
-        metrics_port: int | None = None,
     ):
-        loaded = load_bundle(bundle)
-        self.bundle_version = loaded.version
         self.encoders = encoders
-        self.tasks = TaskModels(loaded.config)
-        self.tasks.load_state_dict(loaded.tasks_state())
-        self.tasks.eval()
+        self.tasks = tasks.eval()
+        self.bundle_version = bundle_version
         self.cache = EmbeddingCache(cache_entries)
         self.encoder_timeout_s = encoder_timeout_s
-        torch.set_num_threads(1)
-        self.gateway = None
-        if gateway is not None:
-            settings = GatewaySettings.model_validate(gateway)
-            specs = {m: p.model_input() for m, p in build_pipelines(loaded.config).items()}
-            self.gateway = await start_gateway(self, loaded.manifest, specs, settings)
-            if metrics_port is not None:
-                try:
-                    serve_metrics(settings.host, metrics_port)
-                except OSError:  # another router replica on this node already serves /metrics
-                    log.warning(
-                        "metrics port %d busy; this replica's metrics are not exported",
-                        metrics_port,
-                    )
-            self._until_serving = asyncio.ensure_future(self._serving_when_encoders_answer())
 
-    async def _serving_when_encoders_answer(self) -> None:
-        """Health turns SERVING once every encoder has answered an (empty) call."""
+    async def encoders_answer(self) -> None:
+        """Returns once every encoder has answered an (empty) call."""
         await asyncio.gather(*(h.encode_many.remote([]) for h in self.encoders.values()))
-        await self.gateway.set_serving(True)
-        log.info("gateway serving (bundle %s)", self.bundle_version)
 
     async def embed_many(
         self, raws: list[RawInput], deadline: float | None = None
@@ -133,7 +78,7 @@ class Router:
         return [encoded[k] if isinstance(k, str) else k for k in keys]
 
     async def predict_many(self, calls: list[PredictCall]) -> list[PredictResult | Exception]:
-        """Calls coalesced by the gateway: one encoder call per modality for the whole batch and
+        """Calls coalesced by the data plane: one encoder call per modality for the whole batch and
         one fusion pass per (task, modalities) group. A failing call fails alone."""
         started = time.perf_counter()
         checked = [_checked_inputs(call) for call in calls]
@@ -142,23 +87,13 @@ class Router:
             if not isinstance(inputs, Exception):
                 for m, (key, raw) in inputs.items():
                     wanted.setdefault(m, {})[key] = raw
-        # The batch waits for its most patient caller; the gateway enforces each caller's own.
+        # The batch waits for its most patient caller; the data plane enforces each caller's own.
         deadlines = [c.deadline for c in calls if c.deadline is not None]
         encoded = await self._encode(wanted, max(deadlines) if deadlines else None)
         encoded_at = time.perf_counter()
 
-        results: list[PredictResult | Exception] = list(checked)  # errors stay in place
-        groups: dict[tuple, list[int]] = {}
-        for i, inputs in enumerate(checked):
-            if isinstance(inputs, Exception):
-                continue
-            embeddings = {m: encoded[key] for m, (key, _) in inputs.items()}
-            error = next((e for e in embeddings.values() if isinstance(e, Exception)), None)
-            results[i] = error if error is not None else embeddings
-            if error is None:
-                group = (calls[i].task, tuple(sorted(embeddings)), calls[i].explain)
-                groups.setdefault(group, []).append(i)
-        for (task, _, explain), members in groups.items():
+        results: list = [_embeddings(inputs, encoded) for inputs in checked]  # errors stay
+        for (task, _, explain), members in group_calls(calls, results).items():
             try:
                 predictions = self._fuse(task, [results[i] for i in members], explain)
             except Exception as error:  # fails this group only, never the whole batch
@@ -289,3 +224,14 @@ def _as_output(e: Embedding) -> EncoderOutput:
         tokens = torch.from_numpy(e.tokens).unsqueeze(0)
         mask = torch.ones(1, e.tokens.shape[0], dtype=torch.bool)
     return EncoderOutput(torch.from_numpy(e.pooled).unsqueeze(0), tokens, mask)
+
+
+def _embeddings(
+    inputs: dict[str, tuple[str, RawInput]] | MultiMedError, encoded: dict
+) -> dict[str, Embedding] | Exception:
+    """A call's embeddings by modality, or its first error (its own, or one of its inputs')."""
+    if isinstance(inputs, Exception):
+        return inputs
+    embeddings = {m: encoded[key] for m, (key, _) in inputs.items()}
+    error = next((e for e in embeddings.values() if isinstance(e, Exception)), None)
+    return embeddings if error is None else error

@@ -55,11 +55,19 @@ def ensure_bundle(path: Path) -> None:
     train_default(path)
 
 
-def wait_serving(url: str, timeout_s: float = 600, alive: Callable[[], bool] | None = None):
+def wait_serving(
+    url: str,
+    timeout_s: float = 600,
+    alive: Callable[[], bool] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+):
     """Block until the server's health check says SERVING; `alive` (e.g. a subprocess poll)
-    makes a crashed server fail fast instead of timing out."""
+    makes a crashed server fail fast instead of timing out; `credentials`: a TLS port's."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(url) as channel:
+    channel = (
+        grpc.insecure_channel(url) if credentials is None else grpc.secure_channel(url, credentials)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if alive is not None and not alive():
@@ -103,8 +111,11 @@ async def run(options: ServeOptions) -> None:
         serve.start(proxy_location="Disabled")  # the gateway in the router is the front door
 
         def deploy() -> None:
-            serve.run(build(app_config), name=app_config.name, route_prefix=None)
-            wait_serving(url)
+            # The handle reaches a router replica over Ray, so waiting needs no client
+            # certificate even when the port asks for one.
+            replica = serve.run(build(app_config), name=app_config.name, route_prefix=None)
+            while not replica.serving.remote().result(timeout_s=30):
+                time.sleep(0.5)
 
         # Deploying blocks until every replica is up; in a thread, so Ctrl-C still works.
         deploying = asyncio.ensure_future(asyncio.to_thread(deploy))
@@ -120,7 +131,8 @@ async def run(options: ServeOptions) -> None:
         )
         print(
             f"MultiMed Serve {manifest['version']} listening on {url} "
-            f"(multimed.v1, grpc.health.v1, reflection); metrics {metrics}\n"
+            f"({'TLS' if gateway.tls else 'plaintext'}; multimed.v1, Open Inference Protocol, "
+            f"grpc.health.v1, reflection); metrics {metrics}\n"
             f"try:  multimed predict --url {url} --task medical_vqa "
             f'--text "Is there a lesion?" --xray FILE.dcm',
             flush=True,

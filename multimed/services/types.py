@@ -1,4 +1,4 @@
-"""Protocol-free request and result types: what the gateway converts wire messages into, and what
+"""Protocol-free request and result types: what the front doors convert wire messages into, and what
 the router and encoders pass between them."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from multimed.models.heads import Prediction
-from multimed.models.modalities.base import RawInput
+from multimed.models.inputs import RawInput
+from multimed.models.outputs import Prediction
 
 
 @dataclass(frozen=True)

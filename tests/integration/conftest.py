@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from multimed.client import MultiMedClient
+from multimed.models.cohort.writer import write_cohort
 from multimed.models.config import ModelConfig
-from multimed.models.data.files import write_cohort
 from multimed.models.train import TrainSettings, train
-from multimed.services.client import MultiMedClient
 from multimed.services.server import wait_serving
 
 TOKEN = "integration-secret"
@@ -88,16 +88,32 @@ def _wait_serving(url: str, process: subprocess.Popen, log: Path) -> None:
         raise RuntimeError(f"{e}; its log:\n{log.read_text()[-3000:]}") from None
 
 
+def token_file(work: Path, tokens: dict[str, str]) -> Path:
+    """A token file (one 'NAME TOKEN' a line), readable by its owner only."""
+    path = work / "tokens"
+    path.write_text("".join(f"{name} {token}\n" for name, token in tokens.items()))
+    path.chmod(0o600)
+    return path
+
+
 @contextmanager
-def running_server(work: Path, config: Path, token: str = TOKEN):
-    """`multimed serve` with `config` in a subprocess on free loopback ports, until the block
-    ends; -> (grpc url, metrics url, process)."""
+def running_server(
+    work: Path,
+    config: Path,
+    token: str = TOKEN,
+    extra: tuple[str, ...] = (),
+    wait=None,
+):
+    """`multimed serve` with `config` in a subprocess on free loopback ports, the token from a
+    token file, until the block ends; `extra`: more `serve` arguments; `wait(url, process, log)`
+    instead of a plaintext health check. -> (grpc url, metrics url, process)."""
     port, metrics_port = free_port(), free_port()
     log = work / "serve.log"
+    tokens = token_file(work, {"integration": token})
     command = [
         sys.executable,
         "-m",
-        "multimed.services.cli",
+        "multimed.cli",
         "-v",
         "serve",
         "--config",
@@ -108,10 +124,11 @@ def running_server(work: Path, config: Path, token: str = TOKEN):
         str(port),
         "--metrics-port",
         str(metrics_port),
-        "--token",
-        token,
+        "--token-file",
+        str(tokens),
         "--max-message-mb",
         str(MAX_MESSAGE_MB),
+        *extra,
     ]
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -123,7 +140,7 @@ def running_server(work: Path, config: Path, token: str = TOKEN):
         )
     url = f"127.0.0.1:{port}"
     try:
-        _wait_serving(url, process, log)
+        (wait or _wait_serving)(url, process, log)
         yield url, f"http://127.0.0.1:{metrics_port}/metrics", process
     finally:
         process.send_signal(signal.SIGINT)
@@ -147,7 +164,8 @@ def remote_server(server, tmp_path_factory):
     """A second server whose X-ray, text and protein encoders run on the first server's
     `encoder_<modality>` models, and whose OCT encoder points at a closed port."""
     work = tmp_path_factory.mktemp("remote")
-    remote = {"backend": "triton", "url": server.url, "auth_token": TOKEN}
+    tokens = token_file(work, {"integration": TOKEN})
+    remote = {"backend": "triton", "url": server.url, "token_file": str(tokens)}
     encoders = {m: remote for m in ("xray", "text", "protein")}  # image, features, tokens
     encoders["oct"] = {"backend": "triton", "url": f"127.0.0.1:{free_port()}", "timeout_s": 2}
     config = _serve_config(work / "serve_config.yaml", server.bundle, encoders)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -20,10 +21,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from ray import serve
 
+from multimed.client import AsyncMultiMedClient, MultiMedClient
+from multimed.client.sdk import predict_request
 from multimed.models.catalog import CATALOG, InputForm
-from multimed.models.data.files import FILES, QUESTION_FILE
-from multimed.models.modalities.base import RawInput
-from multimed.services.client import AsyncMultiMedClient, MultiMedClient, predict_request
+from multimed.models.cohort.writer import FILES, QUESTION_FILE
+from multimed.models.inputs import RawInput
 from multimed.v1 import multimed_pb2 as pb
 
 
@@ -95,12 +97,10 @@ def test_cli_predict_json(server):
         [
             sys.executable,
             "-m",
-            "multimed.services.cli",
+            "multimed.cli",
             "predict",
             "--url",
             server.url,
-            "--token",
-            server.token,
             "--task",
             "bone_age_classification",
             "--xray",
@@ -111,6 +111,7 @@ def test_cli_predict_json(server):
         text=True,
         timeout=120,
         check=True,
+        env={**os.environ, "MULTIMED_TOKEN": server.token},  # a secret never on a command line
     )
     doc = json.loads(out.stdout)
     assert doc["task"] == "bone_age_classification"

@@ -14,7 +14,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from multimed.models.catalog import CATALOG
-from multimed.models.data.files import FILES
+from multimed.models.cohort.writer import FILES
 
 REMOTE = ("xray", "text", "protein")  # must match conftest's remote_server
 
@@ -24,7 +24,7 @@ def _embedding(response) -> np.ndarray:
 
 
 def test_triton_backend_embeddings_equal_in_process_ones(server, remote_server):
-    from multimed.services.client import MultiMedClient
+    from multimed.client import MultiMedClient
 
     folder = server.patients[1]
     with server.client() as local, MultiMedClient(remote_server, token=server.token) as remote:
@@ -51,7 +51,7 @@ def test_triton_backend_embeddings_equal_in_process_ones(server, remote_server):
 
 
 def test_triton_backend_down_is_unavailable_naming_the_server(server, remote_server):
-    from multimed.services.client import MultiMedClient
+    from multimed.client import MultiMedClient
 
     folder = server.patients[0]
     with MultiMedClient(remote_server, token=server.token) as remote:
@@ -70,7 +70,7 @@ def test_export_triton_repository_matches_torch(server, tmp_path):
         [
             sys.executable,
             "-m",
-            "multimed.services.cli",
+            "multimed.cli",
             "export",
             "--format",
             "triton",

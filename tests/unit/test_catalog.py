@@ -2,10 +2,10 @@ import json
 
 import pytest
 
+from multimed.cli import main
 from multimed.models.catalog import CATALOG, Catalog, ModalitySpec, OutputKind, TaskSpec
 from multimed.models.errors import MissingModality, UnexpectedModality, UnknownTask
 from multimed.models.modalities.registry import PIPELINES
-from multimed.services.cli import main
 
 
 def test_catalog_has_the_ten_modalities_and_eleven_tasks():

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from multimed.cli import main
+from multimed.client.files import read_input
 from multimed.models.catalog import CATALOG
+from multimed.models.cohort.writer import FILES, QUESTION_FILE
 from multimed.models.config import ModelConfig
-from multimed.models.data.files import FILES, QUESTION_FILE
-from multimed.models.data.inputs import read_input
 from multimed.models.modalities.registry import build_pipeline
-from multimed.services.cli import main
 
 
 def test_synth_writes_real_formats_that_decode(tmp_path, capsys):

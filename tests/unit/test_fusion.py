@@ -4,8 +4,8 @@ import torch
 from multimed.models.catalog import CATALOG
 from multimed.models.config import ModelConfig
 from multimed.models.fusion import FUSIONS
-from multimed.models.heads import to_predictions
 from multimed.models.modalities.base import EncoderOutput
+from multimed.models.outputs import output_of
 from multimed.models.tasks import TaskModels
 
 MODALITIES = ("xray", "ct", "mri", "text")
@@ -72,5 +72,5 @@ def test_every_task_predicts_its_output_kind(task):
 def test_predictions_convert_scores():
     spec = CATALOG.task("radiographic_findings_classification")
     raw = torch.tensor([[10.0, -10.0, 10.0, -10.0, -10.0]])
-    (p,) = to_predictions(spec, raw)
+    (p,) = output_of(spec).predictions(spec.labels, raw)
     assert p.predicted == ["cardiomegaly", "nodule"]

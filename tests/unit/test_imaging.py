@@ -10,16 +10,16 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from multimed.models.catalog import InputForm
-from multimed.models.data.dicom_io import (
+from multimed.models.codecs.dicom import (
     apply_window,
     read_dicom,
     read_dicom_series,
     write_dicom,
     write_dicom_series,
 )
-from multimed.models.data.image_io import read_image, write_png
+from multimed.models.codecs.image import read_image, write_png
 from multimed.models.errors import InputError
-from multimed.models.modalities.base import RawInput
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.ct import CTPipeline
 from multimed.models.modalities.mri import MRIPipeline
 from multimed.models.modalities.oct import OCTPipeline

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from multimed.models.catalog import CATALOG, InputForm
+from multimed.models.cohort.synthetic import generate_cohort
+from multimed.models.cohort.writer import to_wire
 from multimed.models.config import ModelConfig
-from multimed.models.data.files import to_wire
-from multimed.models.data.synthetic import generate_cohort
 from multimed.models.errors import InputError
-from multimed.models.modalities.base import RawInput
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.registry import PIPELINES, build_pipeline
 
 CONFIG = ModelConfig(embed_dim=32)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from multimed.models.catalog import InputForm
-from multimed.models.data.sequence_io import parse_sequence, write_fasta
+from multimed.models.codecs.sequence import parse_sequence, write_fasta
 from multimed.models.errors import InputError
-from multimed.models.modalities.base import RawInput
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.genomics import GenomicsPipeline
 from multimed.models.modalities.protein import ProteinPipeline
 

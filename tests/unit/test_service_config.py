@@ -7,10 +7,11 @@ import pytest
 
 from multimed.models import errors
 from multimed.models.catalog import InputForm
-from multimed.models.modalities.base import RawInput
+from multimed.models.inputs import RawInput
+from multimed.services import errors as service_errors
 from multimed.services.config import load_serve_config
-from multimed.services.convert import input_from_wire, input_to_wire
-from multimed.services.errors import STATUS, to_status
+from multimed.services.errors import STATUS, Status, to_status
+from multimed.services.frontends.multimed_v1.inputs import input_from_wire, input_to_wire
 from multimed.v1 import multimed_pb2 as pb
 
 
@@ -48,10 +49,17 @@ def test_every_domain_error_is_mapped_and_none_is_unknown():
         for c in vars(errors).values()
         if isinstance(c, type) and issubclass(c, errors.MultiMedError)
     }
+    domain |= {service_errors.ProtocolError, service_errors.ModelNotFound}
     assert domain - {errors.MultiMedError} <= mapped
-    code, message = to_status(errors.InputError("eeg", "missing channels: C3"))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and message == "eeg: missing channels: C3"
-    assert to_status(RuntimeError("boom"))[0] == grpc.StatusCode.INTERNAL
+    status, message = to_status(errors.InputError("eeg", "missing channels: C3"))
+    assert status is Status.INVALID_ARGUMENT and message == "eeg: missing channels: C3"
+    assert to_status(RuntimeError("boom"))[0] is Status.INTERNAL
+
+
+def test_every_status_is_a_grpc_code_with_an_http_status():
+    for status in Status:
+        assert grpc.StatusCode[status.name].value[0] == status.grpc_code
+        assert 200 <= status.http_status < 600
 
 
 def test_domain_errors_survive_pickling():

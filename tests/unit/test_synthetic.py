@@ -5,8 +5,8 @@ import pytest
 from scipy.stats import spearmanr
 
 from multimed.models.catalog import CATALOG, CELL_TYPES, PBMC_GENES, OutputKind
-from multimed.models.data import synthetic as S
-from multimed.models.modalities.base import EEGRecord, GeneCounts
+from multimed.models.codecs.types import EEGRecord, GeneCounts
+from multimed.models.cohort import synthetic as S
 
 
 @pytest.fixture(scope="module")

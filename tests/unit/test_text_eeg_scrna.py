@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from multimed.models.catalog import PBMC_GENES, InputForm
-from multimed.models.data.edf_io import read_edf, write_edf
+from multimed.models.codecs.edf import read_edf, write_edf
+from multimed.models.codecs.types import EEGRecord
 from multimed.models.errors import InputError
-from multimed.models.modalities.base import EEGRecord, RawInput
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.eeg import BCI_IV_2A_CHANNELS, EEGPipeline
 from multimed.models.modalities.scrna import ScrnaPipeline
 from multimed.models.modalities.text import TextPipeline

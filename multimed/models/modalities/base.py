@@ -20,21 +20,9 @@ from torch import Tensor, nn
 from multimed.models.catalog import CATALOG, InputForm, ModalitySpec
 from multimed.models.config import EncoderSize, Frozen
 from multimed.models.errors import InputError
+from multimed.models.inputs import RawInput
 
 Batch = dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class RawInput:
-    """One modality's input as it arrived on the wire, already told apart by form.
-
-    data by form: TEXT/SEQUENCE -> str; IMAGE/DICOM/EDF -> bytes; DICOM_SERIES -> list[bytes];
-    GENE_COUNTS -> Mapping[str, float]; TENSOR -> np.ndarray.
-    """
-
-    modality: str
-    form: InputForm
-    data: Any
 
 
 @dataclass(frozen=True)
@@ -53,23 +41,6 @@ class TensorSpec:
     key: str  # its key in the batch dict
     dtype: str  # numpy name: "float32", or "int64" for token ids
     shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class EEGRecord:
-    """Decoded EEG: microvolts, one row per channel."""
-
-    data: np.ndarray  # float32 [channels, samples]
-    channels: tuple[str, ...]
-    sample_rate_hz: float
-
-
-@dataclass(frozen=True)
-class GeneCounts:
-    """Decoded scRNA-seq profile aligned to the encoder's gene order."""
-
-    counts: np.ndarray  # float32 [genes], raw (not normalised) counts
-    unknown_genes: tuple[str, ...] = ()  # genes in the input that the encoder does not know
 
 
 class NoSettings(Frozen):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from multimed.models.data.dicom_io import apply_window
+from multimed.models.codecs.dicom import apply_window
 from multimed.models.modalities.volume import VolumePipeline, VolumeSettings
 
 

@@ -10,14 +10,14 @@ from pydantic import Field
 from torch import nn
 
 from multimed.models.catalog import InputForm
+from multimed.models.codecs.edf import read_edf, resample
+from multimed.models.codecs.types import EEGRecord
 from multimed.models.config import Frozen
-from multimed.models.data.edf_io import read_edf, resample
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import (
     Batch,
-    EEGRecord,
     EncoderOutput,
     ModalityPipeline,
-    RawInput,
     TensorSpec,
     as_float_array,
     check_finite,

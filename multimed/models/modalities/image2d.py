@@ -12,14 +12,14 @@ from pydantic import Field
 from torch import nn
 
 from multimed.models.catalog import InputForm
+from multimed.models.codecs.dicom import is_rgb, load_dicom, pixel_values, to_display
+from multimed.models.codecs.image import MAX_SIDE, read_image
 from multimed.models.config import EncoderSize, Frozen
-from multimed.models.data.dicom_io import is_rgb, load_dicom, pixel_values, to_display
-from multimed.models.data.image_io import MAX_SIDE, read_image
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import (
     Batch,
     EncoderOutput,
     ModalityPipeline,
-    RawInput,
     TensorSpec,
     as_float_array,
 )

@@ -5,13 +5,7 @@ from __future__ import annotations
 
 from multimed.models.catalog import CATALOG
 from multimed.models.config import ModelConfig
-from multimed.models.modalities.base import (
-    EEGRecord,
-    EncoderOutput,
-    GeneCounts,
-    ModalityPipeline,
-    RawInput,
-)
+from multimed.models.modalities.base import EncoderOutput, ModalityPipeline
 from multimed.models.modalities.ct import CTPipeline
 from multimed.models.modalities.eeg import EEGPipeline
 from multimed.models.modalities.genomics import GenomicsPipeline
@@ -62,11 +56,8 @@ def build_pipelines(config: ModelConfig) -> dict[str, ModalityPipeline]:
 
 __all__ = [
     "PIPELINES",
-    "EEGRecord",
     "EncoderOutput",
-    "GeneCounts",
     "ModalityPipeline",
-    "RawInput",
     "build_pipeline",
     "build_pipelines",
 ]

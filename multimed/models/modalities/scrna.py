@@ -10,13 +10,13 @@ from pydantic import Field
 from torch import nn
 
 from multimed.models.catalog import PBMC_GENES, InputForm
+from multimed.models.codecs.types import GeneCounts
 from multimed.models.config import Frozen
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import (
     Batch,
     EncoderOutput,
-    GeneCounts,
     ModalityPipeline,
-    RawInput,
     TensorSpec,
     as_float_array,
     check_finite,

@@ -8,11 +8,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from multimed.models.data.sequence_io import parse_sequence
+from multimed.models.codecs.sequence import parse_sequence
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import (
     Batch,
     ModalityPipeline,
-    RawInput,
     TensorSpec,
     pad_collate,
 )

@@ -13,11 +13,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from multimed.models.config import Frozen
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import (
     Batch,
     EncoderOutput,
     ModalityPipeline,
-    RawInput,
     TensorSpec,
     pad_collate,
     width,

@@ -13,13 +13,13 @@ from pydantic import Field
 from torch import nn
 
 from multimed.models.catalog import InputForm
+from multimed.models.codecs.dicom import MAX_VOXELS, read_dicom_series
+from multimed.models.codecs.image import MAX_SIDE
 from multimed.models.config import Frozen
-from multimed.models.data.dicom_io import MAX_VOXELS, read_dicom_series
-from multimed.models.data.image_io import MAX_SIDE
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import (
     Batch,
     ModalityPipeline,
-    RawInput,
     TensorSpec,
     as_float_array,
 )

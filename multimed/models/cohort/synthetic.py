@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from multimed.models.catalog import (
     IMAGING,
     PBMC_GENES,
     VQA_ANSWERS,
-    OutputKind,
 )
+from multimed.models.codecs.types import EEGRecord, GeneCounts
+from multimed.models.outputs import output_of
 
 SIDE, DEPTH = 64, 16  # image side, volume slices
 EEG_CHANNELS = (
@@ -136,14 +138,6 @@ def _cell_model() -> tuple[np.ndarray, np.ndarray]:
     panel = np.log1p(means[:, [PBMC_GENES.index(g) for g in EXPRESSION_PANEL]])
     context = (panel - panel.mean(0)) / panel.std(0)
     return profiles, context.astype(np.float32)
-
-
-@functools.cache
-def _decoded_types():
-    # Lazy: importing the modalities package pulls in every pipeline module.
-    from multimed.models.modalities.base import EEGRecord, GeneCounts
-
-    return EEGRecord, GeneCounts
 
 
 # --- image primitives (float32, 64x64 unless noted) ---
@@ -407,7 +401,6 @@ def _eeg(rng, z: dict):
         burst = np.sin(np.pi * np.clip((_T - 0.5) / 3.0, 0, 1)) ** 2
         beta = np.sin(2 * np.pi * rng.uniform(18, 22) * _T + rng.uniform(0, 2 * np.pi))
         data[_FRONTAL] += 5 * rng.lognormal(0, 0.25) * burst * beta
-    EEGRecord, _ = _decoded_types()
     return EEGRecord(data.astype(np.float32), EEG_CHANNELS, EEG_RATE_HZ)
 
 
@@ -425,7 +418,6 @@ def _scrna(rng, z: dict):
     profiles, _ = _cell_model()
     library = rng.uniform(2000, 5000)
     rate = library * profiles[z["cell_type"]] * rng.gamma(4, 1 / 4, len(PBMC_GENES))
-    _, GeneCounts = _decoded_types()
     return GeneCounts(rng.poisson(rate).astype(np.float32))
 
 
@@ -438,8 +430,9 @@ _PROPENSITY = {
 assert set(_SEGMENT) == set(STRUCTURE)
 
 
-def _protein(rng) -> tuple[str, np.ndarray]:
-    """Structure first (alternating segments), then residues from per-state propensities."""
+def _protein(rng, z: dict) -> str:
+    """Structure first (alternating segments, kept in z["structure"] as label indices), then
+    residues from per-state propensities."""
     length = int(rng.integers(40, 121))
     states, prev = [], None
     while len(states) < length:
@@ -448,41 +441,51 @@ def _protein(rng) -> tuple[str, np.ndarray]:
         states += [s] * int(rng.integers(lo, hi + 1))
         prev = s
     states = states[:length]
-    labels = np.array([STRUCTURE.index(s) for s in states], np.int64)
+    z["structure"] = labels = np.array([STRUCTURE.index(s) for s in states], np.int64)
     seq = rng.choice(_AMINO, length)  # uniform: the quarter of residues that carry no signal
     for i, s in enumerate(STRUCTURE):
         pick = (labels == i) & (rng.random(length) >= 0.25)
         seq[pick] = rng.choice(_AMINO, int(pick.sum()), p=_PROPENSITY[s])
-    return "".join(seq), labels
+    return "".join(seq)
 
 
 # --- the cohort ---
 
+# A random stream per renderer, so changing one renderer leaves the others' draws alone. The
+# numbering is part of every seeded cohort: a new stream goes at the end (spawning more streams
+# leaves the first ones as they were); the sequence modalities share one, drawn in table order.
+_LATENT, _TEXT, _XRAY, _CT, _MRI, _OCT, _PATHOLOGY, _EEG, _SEQUENCE = range(9)
+_STREAMS = _SEQUENCE + 1
+
+# modality -> (its stream, its renderer). Renderers run in this order after the latent is drawn.
+_RENDERERS: dict[str, tuple[int, Callable[[np.random.Generator, dict], object]]] = {
+    "text": (_TEXT, _note),
+    "xray": (_XRAY, _xray),
+    "ct": (_CT, _ct),
+    "mri": (_MRI, _mri),
+    "oct": (_OCT, _oct),
+    "pathology": (_PATHOLOGY, _pathology),
+    "eeg": (_EEG, _eeg),
+    "genomics": (_SEQUENCE, _dna),
+    "protein": (_SEQUENCE, _protein),
+    "scrna": (_SEQUENCE, _scrna),
+}
+assert set(_RENDERERS) == set(CATALOG.modalities)
+
 
 def generate_patient(index: int, seed: int = 0) -> Patient:
     """Patient `index` of cohort `seed`: depends on (seed, index) only."""
-    rng_latent, rng_text, rng_xray, rng_ct, rng_mri, rng_oct, rng_path, rng_eeg, rng_seq = (
-        np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(9)
-    )  # one stream per modality: changing one renderer leaves the others' draws alone
-    z = _latent(rng_latent)
-    dna = _dna(rng_seq, z)
-    z["motifs"] = [int(m in dna) for m in MOTIFS]  # count chance occurrences too
-    protein, structure = _protein(rng_seq)
-    inputs = {
-        "text": _note(rng_text, z),
-        "xray": _xray(rng_xray, z),
-        "ct": _ct(rng_ct, z),
-        "mri": _mri(rng_mri, z),
-        "oct": _oct(rng_oct, z),
-        "pathology": _pathology(rng_path, z),
-        "eeg": _eeg(rng_eeg, z),
-        "genomics": dna,
-        "scrna": _scrna(rng_seq, z),
-        "protein": protein,
-    }
+    streams = [
+        np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(_STREAMS)
+    ]
+    z = _latent(streams[_LATENT])
+    inputs = {m: render(streams[k], z) for m, (k, render) in _RENDERERS.items()}
+    z["motifs"] = [int(m in inputs["genomics"]) for m in MOTIFS]  # count chance occurrences too
     _, context = _cell_model()
     expression = (
-        np.array(z["motifs"]) + CONTEXT_WEIGHT * context[z["cell_type"]] + rng_seq.normal(0, 0.3, 8)
+        np.array(z["motifs"])
+        + CONTEXT_WEIGHT * context[z["cell_type"]]
+        + streams[_SEQUENCE].normal(0, 0.3, 8)
     )
     les, qtype = z["vqa_lesion"], z["question_type"]
     answer = (
@@ -498,14 +501,14 @@ def generate_patient(index: int, seed: int = 0) -> Patient:
         "motor_imagery_classification": z["motor"],
         "cell_type_classification": z["cell_type"],
         "expression_prediction": expression.astype(np.float32),
-        "protein_structure_prediction": structure,
+        "protein_structure_prediction": z["structure"],
         "medical_vqa": VQA_ANSWERS.index(answer),
     }
     assert set(labels) == set(CATALOG.tasks)
     return Patient(
         id=f"P{index:06d}",
         inputs=inputs,
-        question=_question(rng_text, z),
+        question=_question(streams[_TEXT], z),
         vqa_modality=z["vqa_modality"],
         labels=labels,
         latent=z,
@@ -531,15 +534,7 @@ def task_inputs(patient: Patient, task_id: str) -> dict[str, object]:
 def labels_json(patient: Patient) -> dict[str, object]:
     """Labels by name: str, list[str] (multi-label), list[float] (regression), "HHEC.." (per
     residue)."""
-    out: dict[str, object] = {}
-    for tid, spec in CATALOG.tasks.items():
-        y, names = patient.labels[tid], spec.labels
-        if spec.output == OutputKind.MULTI_LABEL:
-            out[tid] = [name for name, on in zip(names, y, strict=True) if on]
-        elif spec.output == OutputKind.REGRESSION:
-            out[tid] = [float(v) for v in y]
-        elif spec.output == OutputKind.PER_TOKEN:
-            out[tid] = "".join(names[i] for i in y)
-        else:
-            out[tid] = names[y]
-    return out
+    return {
+        tid: output_of(spec).to_json(patient.labels[tid], spec.labels)
+        for tid, spec in CATALOG.tasks.items()
+    }

@@ -7,16 +7,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from multimed.models.catalog import CATALOG, OutputKind, TaskSpec
-from multimed.models.data.synthetic import Patient, task_inputs
+from multimed.models.catalog import CATALOG, TaskSpec
+from multimed.models.cohort.synthetic import Patient, task_inputs
 from multimed.models.modalities.base import Batch, ModalityPipeline
+from multimed.models.outputs import output_of
 
 FEATURE_CHUNK = 256  # items per frozen-feature pass (bounds memory for the text backbone)
-IGNORE = -100  # label of padding positions in per-token tasks
 
 
 def source_key(modality: str, field: str) -> str:
@@ -49,23 +48,11 @@ def _encode_all(pipeline: ModalityPipeline, decoded: Sequence[object]) -> Batch:
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
 
-def _targets(spec: TaskSpec, labels: list[object]) -> Tensor:
-    if spec.output in (OutputKind.SINGLE_LABEL, OutputKind.ANSWER):
-        return torch.tensor(labels, dtype=torch.long)
-    if spec.output in (OutputKind.MULTI_LABEL, OutputKind.REGRESSION):
-        return torch.tensor(np.stack([np.asarray(v, dtype=np.float32) for v in labels]))
-    longest = max(len(v) for v in labels)
-    out = torch.full((len(labels), longest), IGNORE, dtype=torch.long)
-    for i, v in enumerate(labels):
-        out[i, : len(v)] = torch.as_tensor(np.asarray(v), dtype=torch.long)
-    return out
-
-
-def _field(patient: Patient, modality: str, value: object) -> str:
+def _field(patient: Patient, value: object) -> str:
     """Which of the patient's fields a task input comes from (the note or the VQA question)."""
-    if modality == "text" and value == patient.question:
-        return "question"
-    return "inputs"
+    # By identity: `task_inputs` hands out the question object itself, and `==` against an
+    # image array would compare element-wise.
+    return "question" if value is patient.question else "inputs"
 
 
 def build_tensors(
@@ -85,9 +72,7 @@ def build_tensors(
         task_sources = {}
         for m in usable:
             fields = {
-                _field(p, m, req[m])
-                for p, req in zip(patients, requests[t], strict=True)
-                if m in req
+                _field(p, req[m]) for p, req in zip(patients, requests[t], strict=True) if m in req
             }
             (field,) = fields or {"inputs"}
             task_sources[m] = source_key(m, field)
@@ -100,7 +85,7 @@ def build_tensors(
             task_sources,
             present & usable_mask,
             available & usable_mask,
-            _targets(spec, labels),
+            output_of(spec).targets(labels),
         )
     inputs = {}
     for key, (m, field) in sources.items():

@@ -35,7 +35,7 @@ def _catalog(args) -> int:
 
 
 def _synth(args) -> int:
-    from multimed.models.data.files import write_cohort
+    from multimed.models.cohort.writer import write_cohort
 
     written = write_cohort(args.out, args.n, args.seed)
     print(f"wrote {written} patients to {args.out} (labels in {args.out / 'labels.json'})")
@@ -85,18 +85,25 @@ def _serve(args) -> int:
 
     config = load_serve_config(args.config)
     app_args = config.app.args
+    gateway = app_args.gateway.model_dump()
+    # Paths are resolved here: replicas may start in another working directory.
     overrides = {
         "host": args.host,
         "port": args.port,
-        "auth_token": args.token,
         "max_message_mb": args.max_message_mb,
+        "token_file": args.token_file and str(args.token_file.resolve()),
+        "audit_log": args.audit_log and str(args.audit_log.resolve()),
     }
-    gateway = app_args.gateway.model_validate(
-        {**app_args.gateway.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
-    )
+    gateway.update({k: v for k, v in overrides.items() if v is not None})
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        gateway["tls"] = {
+            "cert": args.tls_cert and str(args.tls_cert.resolve()),
+            "key": args.tls_key and str(args.tls_key.resolve()),
+            "client_ca": args.tls_client_ca and str(args.tls_client_ca.resolve()),
+        }
     app_args = app_args.model_copy(
         update={
-            "gateway": gateway,
+            "gateway": app_args.gateway.model_validate(gateway),
             "bundle": str(args.bundle) if args.bundle is not None else app_args.bundle,
             "metrics_port": args.metrics_port
             if args.metrics_port is not None
@@ -108,18 +115,30 @@ def _serve(args) -> int:
     return 0
 
 
+def _client_options(args) -> dict:
+    """The SDK's connection arguments from --url, --token-file (else MULTIMED_TOKEN), --tls-*."""
+    from multimed.services.tokens import client_token
+
+    return {
+        "url": args.url,
+        "token": client_token(args.token_file),
+        "tls": args.tls,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+    }
+
+
 def _predict_inputs(args) -> dict[str, object]:
+    """Each --<modality> value: a path when one exists (a file, or a DICOM series' directory),
+    else the text or sequence itself."""
     from multimed.models.catalog import CATALOG
 
     inputs: dict[str, object] = {}
     for m in CATALOG.modalities:
         value = getattr(args, m)
-        if value is None:
-            continue
-        path = Path(value)
-        inputs[m] = (
-            value if m == "text" or (m in ("genomics", "protein") and not path.exists()) else path
-        )
+        if value is not None:
+            inputs[m] = Path(value) if Path(value).exists() else value
     return inputs
 
 
@@ -127,10 +146,10 @@ def _predict(args) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from multimed.services.client import MultiMedClient
+    from multimed.client import MultiMedClient
 
     try:
-        with MultiMedClient(args.url, token=args.token) as client:
+        with MultiMedClient(**_client_options(args)) as client:
             response = client.predict(
                 args.task, _predict_inputs(args), explain=args.explain, timeout=args.timeout
             )
@@ -174,6 +193,17 @@ def _perf_data(args) -> int:
     args.out.write_text(json.dumps(data))
     print(f"wrote {len(data['data'])} {args.task} requests to {args.out}")
     return 0
+
+
+def _add_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="127.0.0.1:8001")
+    p.add_argument(
+        "--token-file", type=Path, help="send this file's first token (or MULTIMED_TOKEN)"
+    )
+    p.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    p.add_argument("--tls-ca", type=Path, help="TLS: the CA of the server's certificate (PEM)")
+    p.add_argument("--tls-cert", type=Path, help="mTLS: this client's certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="mTLS: its private key (PEM)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="gRPC port (default: the config's, 8001)")
     p.add_argument("--metrics-port", type=int, help="/metrics port (default: 8002)")
     p.add_argument("--max-message-mb", type=float, help="largest request (default: 64)")
-    p.add_argument("--token", help="require this bearer token (default: no auth)")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="named bearer tokens, one 'NAME TOKEN' a line (or MULTIMED_TOKEN); default: no auth",
+    )
+    p.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM); no plaintext port then")
+    p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    p.add_argument(
+        "--tls-client-ca", type=Path, help="mTLS: clients need a certificate signed by this CA"
+    )
+    p.add_argument("--audit-log", type=Path, help="also append the audit log's lines here")
     p.add_argument("--ray-address", help="join a running Ray cluster ('auto') instead")
     p.set_defaults(func=_serve)
 
@@ -238,16 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="ask a running server for one task")
     p.add_argument("--task", required=True)
-    p.add_argument("--url", default="127.0.0.1:8001")
-    p.add_argument("--token")
+    _add_client_arguments(p)
     p.add_argument("--timeout", type=float, default=60)
     p.add_argument("--explain", action="store_true", help="per-modality contributions")
     p.add_argument("--json", action="store_true")
-    for m in CATALOG.modalities:
-        what = "text" if m == "text" else "file (a DICOM series: its directory)"
-        if m in ("genomics", "protein"):
-            what = "FASTA file or raw sequence"
-        p.add_argument(f"--{m}", metavar="VALUE", help=f"{m} input: {what}")
+    for m in CATALOG.modalities.values():
+        forms = ", ".join(sorted(m.forms))
+        p.add_argument(
+            f"--{m.id}", metavar="VALUE", help=f"{m.description}: file or text ({forms})"
+        )
     p.set_defaults(func=_predict)
     return parser
 

@@ -14,8 +14,8 @@ import edfio
 import numpy as np
 from scipy.signal import resample_poly  # scipy comes with scikit-learn, a declared dependency
 
+from multimed.models.codecs.types import EEGRecord
 from multimed.models.errors import InputError
-from multimed.models.modalities.base import EEGRecord
 
 # Physical dimension (lower case, micro sign folded to "u") -> factor to microvolts. Unlabelled
 # signals are taken to be microvolts already, the EEG convention.

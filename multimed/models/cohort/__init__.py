@@ -1,0 +1,1 @@
+"""The synthetic cohort, its files on disk and its training tensors, above the pipelines."""

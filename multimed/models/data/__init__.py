@@ -1,1 +1,0 @@
-"""Packaged data files and wire-format readers and writers (EDF, FASTA)."""

@@ -1,0 +1,74 @@
+"""What every gRPC front door shares: the caller's identity, the call's description for the data
+plane, and the answer (request id in metadata; a status other than OK aborts the call)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import grpc
+
+from multimed.services.config import GatewaySettings
+from multimed.services.dataplane import CallInfo, DataPlane, Outcome
+from multimed.services.errors import Status
+from multimed.services.triton import EncoderSignature
+
+REQUEST_ID = "x-request-id"
+# The name of the token a call presented; set by the listener's token check around the handler.
+TOKEN_NAME: ContextVar[str] = ContextVar("token_name", default="")
+
+
+@dataclass
+class Door:
+    """What a front door gets to register itself on the listener, and what it tells it back."""
+
+    plane: DataPlane
+    settings: GatewaySettings
+    signatures: dict[str, EncoderSignature]  # each modality's encoder signature
+    services: list[str] = field(default_factory=list)  # full names, for health and reflection
+    open_methods: list[str] = field(default_factory=list)  # method paths that need no token
+    hooks: list[Callable[[bool], None]] = field(default_factory=list)
+
+    def add_service(self, full_name: str, open_methods: tuple[str, ...] = ()) -> None:
+        self.services.append(full_name)
+        self.open_methods.extend(f"/{full_name}/{m}" for m in open_methods)
+
+    def on_serving(self, hook: Callable[[bool], None]) -> None:
+        """`hook(serving)` runs whenever the listener's health changes (readiness probes)."""
+        self.hooks.append(hook)
+
+
+def status_code(status: Status) -> grpc.StatusCode:
+    return grpc.StatusCode[status.name]
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> str:
+    """The token's name, else the client certificate's subject (mTLS), else "anonymous"."""
+    name = TOKEN_NAME.get()
+    if name:
+        return f"token:{name}"
+    subject = (context.auth_context() or {}).get("x509_subject")
+    if subject:
+        return subject[0].decode("utf-8", errors="replace")
+    return "anonymous"
+
+
+def call_info(
+    plane: DataPlane, context: grpc.aio.ServicerContext, method: str, sent_id: str = ""
+) -> CallInfo:
+    metadata = dict(context.invocation_metadata() or ())
+    return CallInfo(
+        method=method,
+        request_id=plane.request_id(sent_id, metadata.get(REQUEST_ID)),
+        caller=caller_of(context),
+        timeout_s=plane.timeout_s(context.time_remaining()),
+    )
+
+
+async def answer(context: grpc.aio.ServicerContext, call: CallInfo, outcome: Outcome):
+    """A unary call's end: the request id goes back in metadata; an error aborts the call."""
+    await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
+    if outcome.status is not Status.OK:
+        await context.abort(status_code(outcome.status), outcome.message)
+    return outcome.result

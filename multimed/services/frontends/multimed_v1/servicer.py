@@ -1,0 +1,116 @@
+"""`multimed.v1.MultiMed` on the shared listener: each method converts at the edge and hands the
+work to the data plane."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import grpc
+
+from multimed.services.dataplane import DataPlane
+from multimed.services.frontends.grpc_common import Door, answer, call_info
+from multimed.services.frontends.multimed_v1.convert import (
+    catalog_to_wire,
+    embedding_to_wire,
+    model_info_to_wire,
+    request_from_wire,
+    response_to_wire,
+)
+from multimed.services.frontends.multimed_v1.inputs import input_from_wire
+from multimed.v1 import multimed_pb2 as pb
+from multimed.v1 import multimed_pb2_grpc as pb_grpc
+
+SERVICE = pb.DESCRIPTOR.services_by_name["MultiMed"].full_name
+
+
+class MultiMedService(pb_grpc.MultiMedServicer):
+    def __init__(self, plane: DataPlane, stream_concurrency: int):
+        self.plane = plane
+        self.stream_concurrency = stream_concurrency
+
+    async def _predict(self, request: pb.PredictRequest, request_id: str, deadline: float):
+        started = time.perf_counter()
+        result = await self.plane.predict(request_from_wire(request, request_id, deadline))
+        return response_to_wire(result, (time.perf_counter() - started) * 1000)
+
+    async def Predict(self, request, context):
+        call = call_info(self.plane, context, "Predict", request.request_id)
+        outcome = await self.plane.run(
+            call,
+            request.task,
+            (i.modality for i in request.inputs),
+            lambda deadline: self._predict(request, call.request_id, deadline),
+        )
+        return await answer(context, call, outcome)
+
+    async def PredictStream(self, request_iterator, context):
+        """Requests run concurrently (at most `stream_concurrency` per stream); each response
+        goes out when ready, matched by request_id; a failed request answers with its error."""
+        done: asyncio.Queue = asyncio.Queue()
+        stream = call_info(self.plane, context, "PredictStream")
+        slots = asyncio.Semaphore(self.stream_concurrency)
+
+        async def one(request: pb.PredictRequest):
+            call = replace(stream, request_id=self.plane.request_id(request.request_id))
+            try:
+                outcome = await self.plane.run(
+                    call,
+                    request.task,
+                    (i.modality for i in request.inputs),
+                    lambda deadline: self._predict(request, call.request_id, deadline),
+                )
+                response = outcome.result
+                if response is None:
+                    response = pb.PredictResponse(
+                        request_id=call.request_id,
+                        task=request.task,
+                        error=pb.Error(code=outcome.status.grpc_code, message=outcome.message),
+                    )
+                await done.put(response)
+            finally:
+                slots.release()
+
+        async def read():
+            try:
+                async with asyncio.TaskGroup() as group:
+                    async for request in request_iterator:
+                        await slots.acquire()  # backpressure on the client's stream
+                        group.create_task(one(request))
+            finally:
+                await done.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await done.get()) is not None:
+                yield response
+            await reader  # surfaces a broken request stream as this call's error
+        finally:
+            reader.cancel()
+
+    async def Embed(self, request, context):
+        call = call_info(self.plane, context, "Embed", request.request_id)
+
+        async def work(deadline: float):
+            raw = input_from_wire(request.input)
+            (e,) = await self.plane.embed([raw], deadline)
+            if isinstance(e, Exception):
+                raise e
+            return embedding_to_wire(call.request_id, raw.modality, e, self.plane.bundle_version)
+
+        outcome = await self.plane.run(call, "", (request.input.modality,), work)
+        return await answer(context, call, outcome)
+
+    async def GetCatalog(self, request, context):
+        return catalog_to_wire()
+
+    async def GetModelInfo(self, request, context):
+        return model_info_to_wire(self.plane.manifest)
+
+
+def register(server: grpc.aio.Server, door: Door) -> MultiMedService:
+    service = MultiMedService(door.plane, door.settings.stream_concurrency)
+    pb_grpc.add_MultiMedServicer_to_server(service, server)
+    door.add_service(SERVICE)
+    return service
