@@ -37,7 +37,7 @@ class MultiMedService(pb_grpc.MultiMedServicer):
 
     async def Predict(self, request, context):
         call = call_info(self.plane, context, "Predict", request.request_id)
-        outcome = await self.plane.run(
+        outcome = self.plane.run(
             call,
             request.task,
             (i.modality for i in request.inputs),
@@ -99,7 +99,7 @@ class MultiMedService(pb_grpc.MultiMedServicer):
                 raise e
             return embedding_to_wire(call.request_id, raw.modality, e, self.plane.bundle_version)
 
-        outcome = await self.plane.run(call, "", (request.input.modality,), work)
+        outcome = self.plane.run(call, "", (request.input.modality,), work)
         return await answer(context, call, outcome)
 
     async def GetCatalog(self, request, context):

@@ -136,7 +136,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         # The audit line names the model as its task (tasks are models; encoders collapse to
         # "unknown" there, their modality is listed).
         try:
-            outcome = await self.plane.run(call, model_name, modalities, work)
+            outcome = self.plane.run(call, model_name, modalities, work)
             return await answer(context, call, outcome)
         finally:
             stats = self.stats.get(request.model_name)
