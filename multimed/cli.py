@@ -86,20 +86,19 @@ def _serve(args) -> int:
     config = load_serve_config(args.config)
     app_args = config.app.args
     gateway = app_args.gateway.model_dump()
-    # Paths are resolved here: replicas may start in another working directory.
     overrides = {
         "host": args.host,
         "port": args.port,
         "max_message_mb": args.max_message_mb,
-        "token_file": args.token_file and str(args.token_file.resolve()),
-        "audit_log": args.audit_log and str(args.audit_log.resolve()),
+        "token_file": args.token_file,
+        "audit_log": args.audit_log,
     }
     gateway.update({k: v for k, v in overrides.items() if v is not None})
     if args.tls_cert or args.tls_key or args.tls_client_ca:
         gateway["tls"] = {
-            "cert": args.tls_cert and str(args.tls_cert.resolve()),
-            "key": args.tls_key and str(args.tls_key.resolve()),
-            "client_ca": args.tls_client_ca and str(args.tls_client_ca.resolve()),
+            "cert": args.tls_cert,
+            "key": args.tls_key,
+            "client_ca": args.tls_client_ca,
         }
     app_args = app_args.model_copy(
         update={
@@ -262,15 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, help="largest request (default: 64)")
     p.add_argument(
         "--token-file",
-        type=Path,
         help="named bearer tokens, one 'NAME TOKEN' a line (or MULTIMED_TOKEN); default: no auth",
     )
-    p.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM); no plaintext port then")
-    p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
-    p.add_argument(
-        "--tls-client-ca", type=Path, help="mTLS: clients need a certificate signed by this CA"
-    )
-    p.add_argument("--audit-log", type=Path, help="also append the audit log's lines here")
+    p.add_argument("--tls-cert", help="TLS certificate (PEM); no plaintext port then")
+    p.add_argument("--tls-key", help="its private key (PEM)")
+    p.add_argument("--tls-client-ca", help="mTLS: clients need a certificate signed by this CA")
+    p.add_argument("--audit-log", help="also append the audit log's lines here")
     p.add_argument("--ray-address", help="join a running Ray cluster ('auto') instead")
     p.set_defaults(func=_serve)
 

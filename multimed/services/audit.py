@@ -11,9 +11,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from multimed.models.catalog import CATALOG
+from multimed.services.triton import encoder_model
 
 log = logging.getLogger("multimed.audit")
 MAX_ID = 128
+# What a call can be about: a task, an encoder (the Open Inference Protocol's encoder_<modality>
+# models), or nothing named (Embed).
+TASK_LABELS = frozenset({"", *CATALOG.tasks, *(encoder_model(m) for m in CATALOG.modalities)})
 
 
 def loggable(value: str, limit: int = MAX_ID) -> str:
@@ -22,9 +26,9 @@ def loggable(value: str, limit: int = MAX_ID) -> str:
 
 
 def task_label(task: str) -> str:
-    """A requested task as a label: unknown names collapse, so a client cannot write arbitrary
-    text into logs nor grow a metric's label set without bound."""
-    return task if task in CATALOG.tasks else "unknown"
+    """A requested task (or model) as a label: unknown names collapse, so a client cannot write
+    arbitrary text into logs nor grow a metric's label set without bound."""
+    return task if task in TASK_LABELS else "unknown"
 
 
 def modality_labels(modalities: Iterable[str]) -> list[str]:

@@ -101,6 +101,26 @@ class GatewaySettings(Strict):
     coalesce_max: int = Field(64, ge=1)  # Predict calls per router call
     coalesce_slots: int = Field(2, ge=1)  # router calls in flight at once
 
+    def with_absolute_paths(self) -> GatewaySettings:
+        """The same settings with every file path absolute: replicas may start in another
+        working directory."""
+
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(Path(path).resolve())
+
+        tls = self.tls
+        if tls is not None:
+            tls = TLSSettings(
+                cert=absolute(tls.cert), key=absolute(tls.key), client_ca=absolute(tls.client_ca)
+            )
+        return self.model_copy(
+            update={
+                "token_file": absolute(self.token_file),
+                "audit_log": absolute(self.audit_log),
+                "tls": tls,
+            }
+        )
+
 
 class AppArgs(Strict):
     """Arguments of the application builder (`multimed.services.app:build_app`)."""

@@ -47,7 +47,7 @@ class RouterReplica:
             m: encoder_signature(m, p.model_input(), loaded.config.embed_dim)
             for m, p in build_pipelines(loaded.config).items()
         }
-        self.listener = await start_listener(Door(plane, settings, signatures))
+        self.listener = await start_listener(Door(plane, signatures))
         if metrics_port is not None:
             try:
                 serve_metrics(settings.host, metrics_port)
@@ -64,9 +64,9 @@ class RouterReplica:
         log.info("serving (bundle %s)", self.router.bundle_version)
 
     def serving(self) -> bool:
-        """Whether this replica's listener reports SERVING (`multimed serve` waits on it)."""
-        started = self._until_serving
-        return started.done() and not started.cancelled() and started.exception() is None
+        """Whether this replica's listener reports SERVING (`multimed serve` waits on it); a
+        failed start raises here, so the caller sees why instead of waiting on."""
+        return self._until_serving.done() and self._until_serving.result() is None
 
     async def __del__(self):
         """Replica shutdown (Ray Serve calls it): health goes NOT_SERVING, calls in flight get a

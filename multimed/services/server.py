@@ -26,6 +26,7 @@ from multimed.services.config import AppArgs, ServeConfigFile
 log = logging.getLogger("multimed.server")
 
 LOCAL_LOGICAL_CPUS = 16
+SERVING_TIMEOUT_S = 600  # from replicas up to every encoder answering
 # Replicas inherit these (issue #3's probes: glibc malloc made batch 32 ~1.8x slower).
 REPLICA_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "1073741824",
@@ -88,7 +89,12 @@ async def run(options: ServeOptions) -> None:
     ensure_bundle(bundle_path)
     manifest = load_bundle(bundle_path).manifest
     # Replicas may start in other working directories (or on other nodes with shared storage).
-    args = app_config.args.model_copy(update={"bundle": str(bundle_path.resolve())})
+    args = app_config.args.model_copy(
+        update={
+            "bundle": str(bundle_path.resolve()),
+            "gateway": app_config.args.gateway.with_absolute_paths(),
+        }
+    )
     app_config = app_config.model_copy(update={"args": args})
     gateway = args.gateway
     url = f"{gateway.host}:{gateway.port}"
@@ -114,7 +120,10 @@ async def run(options: ServeOptions) -> None:
             # The handle reaches a router replica over Ray, so waiting needs no client
             # certificate even when the port asks for one.
             replica = serve.run(build(app_config), name=app_config.name, route_prefix=None)
+            deadline = time.monotonic() + SERVING_TIMEOUT_S
             while not replica.serving.remote().result(timeout_s=30):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not serving after {SERVING_TIMEOUT_S} s")
                 time.sleep(0.5)
 
         # Deploying blocks until every replica is up; in a thread, so Ctrl-C still works.

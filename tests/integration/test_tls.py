@@ -21,6 +21,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from multimed.client import MultiMedClient
+from multimed.models.catalog import InputForm
+from multimed.models.inputs import RawInput
 from multimed.services.server import wait_serving
 from multimed.v1 import multimed_pb2 as pb
 
@@ -81,10 +83,7 @@ def _client(url, pki, cert="client", ca=None) -> MultiMedClient:
     )
 
 
-def _xray(seed: int):
-    from multimed.models.catalog import InputForm
-    from multimed.models.inputs import RawInput
-
+def _xray(seed: int) -> RawInput:
     image = np.random.default_rng(seed).random((1, 64, 64), dtype=np.float32)
     return RawInput("xray", InputForm.TENSOR, image)
 
@@ -157,7 +156,9 @@ def test_audit_log_names_the_caller_and_carries_no_patient_data(tls_server, pki)
             request_id="audit-ok-1",
         )
         with pytest.raises(grpc.RpcError):  # an error must not quote the patient either
-            client.predict(TASK, {"xray": _xray(4), "text": f"{PATIENT} note"}, request_id="a-2")
+            client.predict(
+                TASK, {"xray": _xray(4), "text": f"{PATIENT} note"}, request_id="audit-err-2"
+            )
         with pytest.raises(grpc.RpcError):  # a modality name the catalog does not know
             request = pb.PredictRequest(
                 request_id="audit-bad-3",
@@ -165,16 +166,18 @@ def test_audit_log_names_the_caller_and_carries_no_patient_data(tls_server, pki)
                 inputs=[pb.ModalityInput(modality=PATIENT, text="x")],
             )
             client.stub.Predict(request, metadata=client.metadata, timeout=30)
-    deadline = time.time() + 10
-    lines = []
-    while time.time() < deadline and len(lines) < 3:
-        lines = [json.loads(x) for x in audit.read_text().splitlines() if '"audit-' in x]
+    wanted = {"audit-ok-1", "audit-err-2", "audit-bad-3"}
+    deadline = time.time() + 10  # the file handler writes as each call ends
+    by_id: dict = {}
+    while time.time() < deadline and set(by_id) != wanted:
+        lines = [json.loads(x) for x in audit.read_text().splitlines()]
+        by_id = {line["request_id"]: line for line in lines if line["request_id"] in wanted}
         time.sleep(0.2)
-    by_id = {line["request_id"]: line for line in lines}
     ok = by_id["audit-ok-1"]
     assert ok["caller"] == "token:integration"  # the token's name; no token: the cert subject
     assert (ok["method"], ok["task"], ok["code"]) == ("Predict", "disease_classification", "OK")
     assert ok["modalities"] == ["text", "xray"] and ok["latency_ms"] > 0
+    assert by_id["audit-err-2"]["code"] == "INVALID_ARGUMENT"  # the task takes no text
     assert by_id["audit-bad-3"]["modalities"] == ["unknown"]
     assert by_id["audit-bad-3"]["code"] == "INVALID_ARGUMENT"
     logs = [audit, serve_log, *_ray_logs(started)]

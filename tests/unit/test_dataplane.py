@@ -17,7 +17,7 @@ from multimed.models.errors import InputError
 from multimed.models.inputs import RawInput
 from multimed.models.modalities.registry import build_pipelines
 from multimed.models.outputs import Prediction
-from multimed.services.audit import AuditLog
+from multimed.services.audit import AuditLog, task_label
 from multimed.services.cache import EmbeddingCache, content_key
 from multimed.services.coalesce import Coalescer
 from multimed.services.config import GatewaySettings
@@ -194,6 +194,13 @@ def test_one_audit_line_per_call_without_payloads(caplog):
         "INVALID_ARGUMENT",
     )
     assert secret not in caplog.text
+
+
+def test_metric_and_audit_labels_are_tasks_encoder_models_or_unknown():
+    assert task_label("disease_classification") == "disease_classification"
+    assert task_label("encoder_xray") == "encoder_xray"  # an Open Inference Protocol model
+    assert task_label("") == ""  # Embed names no task
+    assert task_label("encoder_Jane Doe") == "unknown"
 
 
 # --- embedding cache and content keys ---

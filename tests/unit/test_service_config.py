@@ -100,3 +100,15 @@ def test_tensor_with_wrong_byte_count_is_refused():
     )
     with pytest.raises(errors.InputError, match="xray: tensor of shape"):
         input_from_wire(item)
+
+
+def test_gateway_file_paths_are_made_absolute_for_replicas(tmp_path, monkeypatch):
+    from multimed.services.config import GatewaySettings
+
+    monkeypatch.chdir(tmp_path)
+    settings = GatewaySettings(
+        token_file="tokens", audit_log="logs/audit.jsonl", tls={"cert": "s.pem", "key": "s.key"}
+    ).with_absolute_paths()
+    assert settings.token_file == str(tmp_path / "tokens")
+    assert settings.audit_log == str(tmp_path / "logs/audit.jsonl")
+    assert (settings.tls.cert, settings.tls.client_ca) == (str(tmp_path / "s.pem"), None)

@@ -50,10 +50,12 @@ class Tokens:
             # A file being rewritten can be unreadable for a moment: keep the last good tokens.
             with contextlib.suppress(OSError, ValueError):
                 self._reload()
+        if not bearer.startswith("Bearer "):
+            return None
         sent = bearer.removeprefix("Bearer ").encode()
         found = None
         for token, name in (*self.file.items(), *self.from_env.items()):
-            if hmac.compare_digest(sent, token.encode()) and bearer.startswith("Bearer "):
+            if hmac.compare_digest(sent, token.encode()):
                 found = name  # no early exit: the time taken does not tell which matched
         return found
 
@@ -75,44 +77,42 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return _deny(handler) if name is None else _named(handler, name)
 
 
-def _kind(handler) -> str:
-    return ("unary" if not handler.request_streaming else "stream") + (
-        "_unary" if not handler.response_streaming else "_stream"
+def _with(handler, unary, streaming):
+    """A handler of the same kind and (de)serialisers as `handler`, running `unary` (or, when
+    the response streams, the async generator `streaming`) instead."""
+    kind = ("stream" if handler.request_streaming else "unary") + (
+        "_stream" if handler.response_streaming else "_unary"
     )
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    behaviour = streaming if handler.response_streaming else unary
+    return make(behaviour, handler.request_deserializer, handler.response_serializer)
 
 
 def _named(handler, name: str):
     """The handler, run with the caller's token name set."""
-    kind = _kind(handler)
-    behaviour = getattr(handler, kind)
-    if handler.response_streaming:
+    # A handler holds its behaviour under the attribute of its kind; the others are None.
+    original = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
 
-        async def run_stream(request, context):
-            TOKEN_NAME.set(name)
-            async for response in behaviour(request, context):
-                yield response
+    async def unary(request, context):
+        TOKEN_NAME.set(name)
+        return await original(request, context)
 
-        run = run_stream
-    else:
+    async def streaming(request, context):
+        TOKEN_NAME.set(name)
+        async for response in original(request, context):
+            yield response
 
-        async def run_unary(request, context):
-            TOKEN_NAME.set(name)
-            return await behaviour(request, context)
-
-        run = run_unary
-    make = getattr(grpc, f"{kind}_rpc_method_handler")
-    return make(run, handler.request_deserializer, handler.response_serializer)
+    return _with(handler, unary, streaming)
 
 
 def _deny(handler):
-    async def deny(request, context):
+    async def unary(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-    async def deny_stream(request, context):
+    async def streaming(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         yield  # pragma: no cover - makes this an async generator for streaming handlers
 
-    kind = _kind(handler)
-    make = getattr(grpc, f"{kind}_rpc_method_handler")
-    behaviour = deny_stream if handler.response_streaming else deny
-    return make(behaviour, handler.request_deserializer, handler.response_serializer)
+    return _with(handler, unary, streaming)

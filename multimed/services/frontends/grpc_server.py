@@ -88,8 +88,9 @@ class Listener:
 
 
 async def start_listener(door: Door) -> Listener:
-    """Serve every front door on `door.settings`' address; not serving until set_serving(True)."""
-    settings: GatewaySettings = door.settings
+    """Serve every front door on the data plane settings' address; not serving until
+    set_serving(True)."""
+    settings: GatewaySettings = door.plane.settings
     limit = int(settings.max_message_mb * 1024 * 1024)
     options = [
         ("grpc.max_receive_message_length", limit),

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import replace
 
 import grpc
 
-from multimed.services.dataplane import DataPlane
+from multimed.services.dataplane import CallInfo, DataPlane, Outcome
 from multimed.services.frontends.grpc_common import Door, answer, call_info
 from multimed.services.frontends.multimed_v1.convert import (
     catalog_to_wire,
@@ -35,15 +36,17 @@ class MultiMedService(pb_grpc.MultiMedServicer):
         result = await self.plane.predict(request_from_wire(request, request_id, deadline))
         return response_to_wire(result, (time.perf_counter() - started) * 1000)
 
-    async def Predict(self, request, context):
-        call = call_info(self.plane, context, "Predict", request.request_id)
-        outcome = self.plane.run(
+    def _run(self, call: CallInfo, request: pb.PredictRequest) -> Awaitable[Outcome]:
+        return self.plane.run(
             call,
             request.task,
             (i.modality for i in request.inputs),
             lambda deadline: self._predict(request, call.request_id, deadline),
         )
-        return await answer(context, call, outcome)
+
+    async def Predict(self, request, context):
+        call = call_info(self.plane, context, "Predict", request.request_id)
+        return await answer(context, call, self._run(call, request))
 
     async def PredictStream(self, request_iterator, context):
         """Requests run concurrently (at most `stream_concurrency` per stream); each response
@@ -55,12 +58,7 @@ class MultiMedService(pb_grpc.MultiMedServicer):
         async def one(request: pb.PredictRequest):
             call = replace(stream, request_id=self.plane.request_id(request.request_id))
             try:
-                outcome = await self.plane.run(
-                    call,
-                    request.task,
-                    (i.modality for i in request.inputs),
-                    lambda deadline: self._predict(request, call.request_id, deadline),
-                )
+                outcome = await self._run(call, request)
                 response = outcome.result
                 if response is None:
                     response = pb.PredictResponse(
@@ -110,7 +108,7 @@ class MultiMedService(pb_grpc.MultiMedServicer):
 
 
 def register(server: grpc.aio.Server, door: Door) -> MultiMedService:
-    service = MultiMedService(door.plane, door.settings.stream_concurrency)
+    service = MultiMedService(door.plane, door.plane.settings.stream_concurrency)
     pb_grpc.add_MultiMedServicer_to_server(service, server)
     door.add_service(SERVICE)
     return service

@@ -110,8 +110,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter_ns()
         timing = [0, 0, 0]
         items = 0
-        model_name = request.model_name if request.model_name in self.models else "unknown"
-        modalities = {model_name.removeprefix("encoder_")} if model_name != "unknown" else set()
+        modalities: set[str] = set()  # those the request carried, for the audit line
 
         async def work(deadline: float):
             nonlocal items
@@ -133,10 +132,8 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             )
             return response
 
-        # The audit line names the model as its task (tasks are models; encoders collapse to
-        # "unknown" there, their modality is listed).
         try:
-            outcome = self.plane.run(call, model_name, modalities, work)
+            outcome = self.plane.run(call, request.model_name, modalities, work)
             return await answer(context, call, outcome)
         finally:
             stats = self.stats.get(request.model_name)
@@ -206,8 +203,8 @@ for _method in SERVICE.methods:
 
 def register(server: grpc.aio.Server, door: Door) -> InferenceService:
     """Add the protocol to the listener; readiness follows the listener's health."""
-    signatures = door.signatures
-    service = InferenceService(door.plane, Models(signatures, door.settings.coalesce_max))
+    models = Models(door.signatures, door.plane.settings.coalesce_max)
+    service = InferenceService(door.plane, models)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     door.add_service(SERVICE.full_name, PROBES)
     door.on_serving(lambda serving: setattr(service, "ready", serving))
