@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 BUNDLE ?= artifacts/default-bundle
-# glibc malloc returns big batch buffers to the OS and refaults them every step; keep them.
-export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
-export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
+# Training: glibc malloc returns big batch buffers to the OS and refaults them every step; keep
+# them. (Servers set their own, which give memory back: see REPLICA_ENV in services/server.py.)
+TRAIN_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824
 
 .PHONY: install run test lint bundle clean
 
@@ -40,7 +40,7 @@ $(PERF_ANALYZER): | $(VENV)/.installed
 bundle: $(BUNDLE)/manifest.json
 
 $(BUNDLE)/manifest.json: | install
-	$(BIN)/multimed -v train --out $(BUNDLE)
+	$(TRAIN_MALLOC) $(BIN)/multimed -v train --out $(BUNDLE)
 
 # Serves on 127.0.0.1:8001 (gRPC) and :8002 (/metrics) until Ctrl-C.
 run: install bundle

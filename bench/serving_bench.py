@@ -10,7 +10,6 @@ stopped by pid."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -22,18 +21,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
 
-from multimed.client.sdk import predict_request
+from multimed.client import loadtest
+from multimed.client.channel import ChannelSettings
 from multimed.models.bundle import load_bundle, save_bundle
 from multimed.models.catalog import CATALOG, InputForm
 from multimed.models.inputs import RawInput
 from multimed.models.modalities.registry import build_pipeline
 from multimed.models.tasks import TaskModels
 from multimed.services.server import wait_serving
-from multimed.v1 import multimed_pb2_grpc as pb_grpc
 
 SCENARIOS = {  # name -> (task, modalities)
     "image": ("bone_age_classification", ("xray",)),
@@ -77,10 +75,6 @@ def make_inputs(modalities, n: int, seed: int = 0) -> list[dict[str, RawInput]]:
     ]
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 def raw_baseline(bundle_path: str, task: str, modalities, batch: int, seconds: float) -> dict:
     """In-process: preprocessed tensors -> encoders -> fusion and head. No serving at all."""
     bundle = load_bundle(bundle_path)
@@ -114,41 +108,24 @@ def raw_baseline(bundle_path: str, task: str, modalities, batch: int, seconds: f
     return {"throughput": throughput, "single_p50_ms": statistics.median(singles)}
 
 
-async def load(
-    url: str, task: str, inputs, concurrency: int, seconds: float, max_requests: int
-) -> dict:
-    """`concurrency` workers send requests back to back until the count or time runs out."""
-    latencies: list[float] = []
-    errors = 0
-    next_index = 0
-    stop_at = time.perf_counter() + seconds
-    async with grpc.aio.insecure_channel(url) as channel:
-        stub = pb_grpc.MultiMedStub(channel)
-        for warm in inputs[:concurrency]:  # connections and replicas warm
-            await stub.Predict(predict_request(task, warm), timeout=60)
-
-        async def worker():
-            nonlocal next_index, errors
-            while time.perf_counter() < stop_at and next_index < max_requests:
-                request = predict_request(task, inputs[next_index % len(inputs)])
-                next_index += 1
-                t = time.perf_counter()
-                try:
-                    await stub.Predict(request, timeout=30)
-                    latencies.append((time.perf_counter() - t) * 1000)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+def load(url: str, requests: loadtest.TaskLoad, concurrency: int, seconds: float, n: int) -> dict:
+    """`concurrency` callers back to back until n requests or the time runs out, after one
+    warm-up request per caller (connections and replicas warm)."""
+    plan = loadtest.Plan(
+        (requests,),
+        loadtest.ClosedLoop(concurrency),
+        loadtest.Bounds(seconds, n),
+        warmup=loadtest.Bounds(60, concurrency),
+        repeat_inputs=True,  # --distinct inputs, cycled
+    )
+    s = loadtest.run(ChannelSettings(url), loadtest.MULTIMED, plan).overall
     return {
         "concurrency": concurrency,
-        "requests": len(latencies),
-        "errors": errors,
-        "throughput": len(latencies) / elapsed,
-        "p50_ms": percentile(latencies, 50),
-        "p99_ms": percentile(latencies, 99),
+        "requests": s.ok,
+        "errors": s.requests - s.ok,
+        "throughput": s.throughput_rps,
+        "p50_ms": float("nan") if s.p50_ms is None else s.p50_ms,
+        "p99_ms": float("nan") if s.p99_ms is None else s.p99_ms,
     }
 
 
@@ -178,9 +155,11 @@ def stop(process: subprocess.Popen) -> None:
 def run_load(url, args, label) -> dict:
     out = {}
     for name, (task, modalities) in SCENARIOS.items():
-        inputs = make_inputs(modalities, args.distinct, seed=2)
+        requests = loadtest.prepare(
+            loadtest.MULTIMED, task, make_inputs(modalities, args.distinct, seed=2)
+        )
         for c in args.concurrency:
-            point = asyncio.run(load(url, task, inputs, c, args.seconds, args.max_requests))
+            point = load(url, requests, c, args.seconds, args.max_requests)
             print(
                 f"  {label:12s} {name:15s} c={c:3d} {point['throughput']:7.1f} rps  "
                 f"p50 {point['p50_ms']:7.1f} ms  p99 {point['p99_ms']:7.1f} ms  "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -80,6 +81,11 @@ def _evaluate(args) -> int:
 
 
 def _serve(args) -> int:
+    if args.ray_address is None:
+        # An embedded Ray serves this host alone: in Ray's local-only mode its node address is
+        # loopback, so its GCS, raylet and workers listen on 127.0.0.1 only. Read when ray is
+        # first imported, hence before any import below.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from multimed.services.config import load_serve_config
     from multimed.services.server import ServeOptions, serve_forever
 
@@ -171,6 +177,54 @@ def _predict(args) -> int:
     for m, c in response.contributions.items():
         print(f"contrib     {m:10s} {c:.3f}")
     print(f"bundle      {response.bundle_version}   server {response.timing.server_ms:.1f} ms")
+    return 0
+
+
+def _loadtest(args) -> int:
+    from multimed.client import loadtest
+    from multimed.client.channel import ChannelSettings
+    from multimed.client.loadtest.inputs import cohort_inputs, parse_task, synthetic_inputs
+
+    tasks = [parse_task(t) for t in args.task]
+    if len({t for t, _ in tasks}) < len(tasks):
+        raise ValueError("--task: each task once (give it a weight, TASK:WEIGHT, instead)")
+    bounds = loadtest.Bounds(args.duration, args.max_requests)
+    warmup = None
+    if args.warmup or args.warmup_s:
+        warmup = loadtest.Bounds(args.warmup_s or args.duration, args.warmup or args.max_requests)
+    if args.rate is None:
+        load = loadtest.ClosedLoop(args.concurrency)
+    else:
+        load = loadtest.OpenLoop(args.rate, loadtest.Arrival(args.arrival), args.max_outstanding)
+    # Each input is sent once unless --repeat-inputs: the router's embedding cache cannot answer.
+    total = args.distinct or (min(args.max_requests, 256) + (args.warmup or 0))
+    print(f"preparing {total} inputs", file=sys.stderr)
+    if args.cohort:
+        inputs = cohort_inputs(args.cohort, tasks, total, args.all_modalities)
+    else:
+        inputs = synthetic_inputs(tasks, total, args.seed, args.all_modalities)
+    api = loadtest.APIS[args.api]
+    prepared = tuple(loadtest.prepare(api, t, inputs[t], w) for t, w in tasks)
+    wanted = args.max_requests + (args.warmup or 0)
+    if not args.repeat_inputs and sum(len(t.requests) for t in prepared) < wanted:
+        print(
+            "the run ends when the distinct inputs are used up: raise --distinct, or cycle them "
+            "with --repeat-inputs",
+            file=sys.stderr,
+        )
+    plan = loadtest.Plan(
+        prepared,
+        load,
+        bounds,
+        warmup=warmup,
+        timeout_s=args.timeout,
+        repeat_inputs=args.repeat_inputs,
+        mix=loadtest.Mix(args.mix),
+        seed=args.seed,
+    )
+    progress = sys.stderr if sys.stderr.isatty() and not args.no_progress else None
+    result = loadtest.run(ChannelSettings(**_client_options(args)), api, plan, progress)
+    print(json.dumps(result.to_json(), indent=2) if args.json else loadtest.format_table(result))
     return 0
 
 
@@ -284,6 +338,34 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{m.id}", metavar="VALUE", help=f"{m.description}: file or text ({forms})"
         )
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("loadtest", help="load a running server; latency, throughput, errors")
+    _add_client_arguments(p)
+    p.add_argument("--api", choices=("multimed", "oip"), default="multimed")
+    p.add_argument(
+        "--task", action="append", required=True, metavar="TASK[:WEIGHT]", help="repeatable"
+    )
+    p.add_argument("--mix", choices=("round-robin", "random"), default="round-robin")
+    p.add_argument("--cohort", type=Path, help="patients from `multimed synth` (else synthesised)")
+    p.add_argument("--all-modalities", action="store_true", help="not only the required ones")
+    loop = p.add_mutually_exclusive_group(required=True)
+    loop.add_argument("--concurrency", type=int, help="closed loop: callers back to back")
+    loop.add_argument("--rate", type=float, help="open loop: requests per second")
+    p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
+    p.add_argument("--max-outstanding", type=int, default=256, help="open loop's in-flight cap")
+    p.add_argument("--duration", type=float, default=10, help="seconds")
+    p.add_argument("--max-requests", type=int, default=1000)
+    p.add_argument("--warmup", type=int, help="warm-up requests, not counted")
+    p.add_argument("--warmup-s", type=float, help="warm-up seconds, not counted")
+    p.add_argument("--timeout", type=float, default=30, help="each request's deadline (s)")
+    p.add_argument(
+        "--distinct", type=int, help="inputs to prepare (default: max requests up to 256, +warm-up)"
+    )
+    p.add_argument("--repeat-inputs", action="store_true", help="cycle them (cache hits)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_loadtest)
     return parser
 
 

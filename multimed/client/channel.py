@@ -3,12 +3,31 @@ certificate and key for mTLS) and the bearer token. One place for sync and async
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 DEFAULT_URL = "127.0.0.1:8001"
+# The default retry policy: gRPC itself sends a call again when the server answered UNAVAILABLE
+# (a replica died under it, the server is draining, an encoder has no live replica yet), with
+# exponential backoff, within the call's own deadline. Only idempotent methods: a Predict is a
+# pure function of its inputs, so running it twice is harmless; PredictStream is not retried.
+RETRIED_METHODS = (
+    ("multimed.v1.MultiMed", "Predict"),
+    ("multimed.v1.MultiMed", "Embed"),
+    ("multimed.v1.MultiMed", "GetCatalog"),
+    ("multimed.v1.MultiMed", "GetModelInfo"),
+    ("inference.GRPCInferenceService", "ModelInfer"),
+)
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.2s",
+    "maxBackoff": "5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
 
 
 @dataclass(frozen=True)
@@ -20,6 +39,7 @@ class ChannelSettings:
     tls_cert: str | Path | None = None  # PEM: this client's certificate (mTLS)
     tls_key: str | Path | None = None  # PEM: its private key
     max_message_mb: float = 64
+    retries: bool = True  # the default retry policy above; False: every failure surfaces
 
     def __post_init__(self):
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -37,12 +57,24 @@ class ChannelSettings:
             read(self.tls_ca), read(self.tls_key), read(self.tls_cert)
         )
 
-    def options(self) -> list[tuple[str, int]]:
+    def options(self) -> list[tuple[str, int | str]]:
         limit = int(self.max_message_mb * 1024 * 1024)
-        return [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
+            ("grpc.enable_retries", int(self.retries)),
         ]
+        if self.retries:
+            config = {
+                "methodConfig": [
+                    {
+                        "name": [{"service": s, "method": m} for s, m in RETRIED_METHODS],
+                        "retryPolicy": RETRY_POLICY,
+                    }
+                ]
+            }
+            options.append(("grpc.service_config", json.dumps(config)))
+        return options
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()

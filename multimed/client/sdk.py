@@ -44,7 +44,9 @@ def predict_request(
 
 class _Calls:
     """The methods of both clients; each returns what the channel's stub returns. TLS:
-    `tls_ca=` (and `tls_cert=`, `tls_key=` for mTLS), or `tls=True` for the system's CAs."""
+    `tls_ca=` (and `tls_cert=`, `tls_key=` for mTLS), or `tls=True` for the system's CAs.
+    Calls but PredictStream are retried on UNAVAILABLE (see `channel.RETRY_POLICY`) unless
+    `retries=False`."""
 
     open_channel = ChannelSettings.channel  # the asyncio client opens an aio channel
 
@@ -58,8 +60,11 @@ class _Calls:
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
         max_message_mb: float = 64,
+        retries: bool = True,
     ):
-        settings = ChannelSettings(url, token, tls, tls_ca, tls_cert, tls_key, max_message_mb)
+        settings = ChannelSettings(
+            url, token, tls, tls_ca, tls_cert, tls_key, max_message_mb, retries
+        )
         self.channel = type(self).open_channel(settings)
         self.stub = pb_grpc.MultiMedStub(self.channel)
         self.metadata = settings.metadata()

@@ -1,6 +1,15 @@
 """The domain error hierarchy. Raised deep in the models layer; mapped to transport codes once, at
 the serving edge. Model code never raises transport errors."""
 
+SHOWN_CHARS = 64  # how much of a client-chosen name an error message echoes
+
+
+def shown(name: str, limit: int = SHOWN_CHARS) -> str:
+    """A client-chosen name as an error message may quote it: quoted, printable ASCII only, at
+    most `limit` characters (a 1 MB task name must not come back whole in a status message)."""
+    text = "".join(c if c.isascii() and c.isprintable() else "?" for c in str(name)[:limit])
+    return repr(text) + ("..." if len(str(name)) > limit else "")
+
 
 class MultiMedError(Exception):
     """Base of every error the product raises on purpose."""
@@ -23,7 +32,7 @@ class UnknownTask(MultiMedError, KeyError):
         self.task = task
         self.known = known
         super().__init__(task)
-        self.message = f"unknown task {task!r}; known tasks: {', '.join(known)}"
+        self.message = f"unknown task {shown(task)}; known tasks: {', '.join(known)}"
 
     def __reduce__(self):
         return type(self), (self.task, self.known)
@@ -37,7 +46,7 @@ class UnknownModality(MultiMedError, KeyError):
         self.modality = modality
         self.known = known
         super().__init__(modality)
-        self.message = f"unknown modality {modality!r}; known modalities: {', '.join(known)}"
+        self.message = f"unknown modality {shown(modality)}; known modalities: {', '.join(known)}"
 
     def __reduce__(self):
         return type(self), (self.modality, self.known)

@@ -16,13 +16,17 @@ from multimed.services.replica import RouterReplica
 
 # Defaults sized for one small machine; the serve config overrides them per deployment.
 # Batching needs max_ongoing_requests well above the batch size: Ray's default of 5 starves it.
+# A replica is health-checked every 2 s (Serve's default is 10): the router's health for each
+# task follows the controller's view, so a dead encoder shows within seconds.
 ENCODER_DEFAULTS: dict[str, Any] = {
     "max_ongoing_requests": 256,
     "ray_actor_options": {"num_cpus": 0.1},
+    "health_check_period_s": 2,
 }
 ROUTER_DEFAULTS: dict[str, Any] = {
     "max_ongoing_requests": 1024,
     "ray_actor_options": {"num_cpus": 0.1},
+    "health_check_period_s": 2,
 }
 
 
@@ -47,6 +51,7 @@ def build(config: ApplicationConfig) -> Application:
         args.encoder_timeout_s,
         args.gateway.model_dump(),
         args.metrics_port,
+        args.cache_mb,
     )
 
 

@@ -31,8 +31,12 @@ def task_label(task: str) -> str:
     return task if task in TASK_LABELS else "unknown"
 
 
+def modality_label(modality: str) -> str:
+    return modality if modality in CATALOG.modalities else "unknown"
+
+
 def modality_labels(modalities: Iterable[str]) -> list[str]:
-    return sorted({m if m in CATALOG.modalities else "unknown" for m in modalities})
+    return sorted({modality_label(m) for m in modalities})
 
 
 class AuditLog:

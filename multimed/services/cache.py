@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -35,10 +36,14 @@ def content_key(raw: RawInput) -> str:
 
 
 class EmbeddingCache:
-    """Least recently used first out, at most `entries` embeddings (0: off)."""
+    """Least recently used first out, at most `entries` embeddings and `max_bytes` of arrays
+    (0 entries: off). Stored arrays are copies: an embedding that arrived over Ray is a view of
+    Ray's object store, and keeping the view would pin the whole object there."""
 
-    def __init__(self, entries: int):
+    def __init__(self, entries: int, max_bytes: int = 256 << 20):
         self.entries = entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._items: OrderedDict[tuple[str, str], Embedding] = OrderedDict()
 
     def __len__(self) -> int:
@@ -51,9 +56,21 @@ class EmbeddingCache:
         return hit
 
     def put(self, key: tuple[str, str], value: Embedding) -> None:
-        if self.entries == 0:
+        size = _nbytes(value)
+        if self.entries == 0 or size > self.max_bytes:
             return
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.entries:
-            self._items.popitem(last=False)
+        if key in self._items:
+            self.bytes -= _nbytes(self._items.pop(key))
+        self._items[key] = replace(
+            value,
+            pooled=np.array(value.pooled),
+            tokens=None if value.tokens is None else np.array(value.tokens),
+        )
+        self.bytes += size
+        while len(self._items) > self.entries or self.bytes > self.max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self.bytes -= _nbytes(dropped)
+
+
+def _nbytes(e: Embedding) -> int:
+    return e.pooled.nbytes + (0 if e.tokens is None else e.tokens.nbytes)

@@ -14,8 +14,15 @@ class Coalescer(Generic[Call]):
     batches are in flight new calls gather for the next one, so transport overlaps with compute.
     `send` answers a batch with one result (or exception, as a value) per call, in order."""
 
-    def __init__(self, send: Callable[[list[Call]], Awaitable[list]], max_batch: int, slots: int):
+    def __init__(
+        self,
+        send: Callable[[list[Call]], Awaitable[list]],
+        max_batch: int,
+        slots: int,
+        dropped: Callable[[Call], None] = lambda call: None,
+    ):
         self.send = send
+        self.dropped = dropped  # told of each call whose caller gave up before it was sent
         self.max_batch = max_batch
         self.slots = slots
         self.waiting: list[tuple[Call, asyncio.Future]] = []
@@ -29,7 +36,10 @@ class Coalescer(Generic[Call]):
         return await future
 
     def _dispatch(self) -> None:
-        self.waiting = [(c, f) for c, f in self.waiting if not f.done()]  # callers who gave up
+        if any(f.done() for _, f in self.waiting):  # callers who gave up: never sent
+            for call, _ in (w for w in self.waiting if w[1].done()):
+                self.dropped(call)
+            self.waiting = [(c, f) for c, f in self.waiting if not f.done()]
         while self.waiting and self.busy < self.slots:
             batch = self.waiting[: self.max_batch]
             del self.waiting[: self.max_batch]

@@ -92,9 +92,14 @@ class GatewaySettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8001, ge=0, le=65535)  # 0: any free port
     max_message_mb: float = Field(64, gt=0)
-    max_in_flight: int = Field(1024, ge=1)  # past this, RESOURCE_EXHAUSTED instead of queueing
+    # Admission, in front of every queue: past each limit a call is RESOURCE_EXHAUSTED at once.
+    max_in_flight: int = Field(1024, ge=1)  # items (a 64-item ModelInfer counts 64) in progress
+    max_rpcs: int = Field(2048, ge=1)  # RPCs open at once, streams included (gRPC refuses more)
+    max_connections: int = Field(1024, ge=1)  # client connections at once
     default_timeout_s: float = Field(60, gt=0)  # for calls that carry no deadline
-    stream_concurrency: int = Field(256, ge=1)  # requests in progress per PredictStream
+    stream_concurrency: int = Field(64, ge=1)  # requests in progress (and answers buffered)
+    max_stream_s: float = Field(3600, gt=0)  # a PredictStream's lifetime; then DEADLINE_EXCEEDED
+    reflection: bool = True  # gRPC server reflection (needs a token when tokens are on)
     token_file: str | None = None  # named bearer tokens (see frontends/auth.py); None: no file
     tls: TLSSettings | None = None  # None: plaintext (loopback only, or TLS in front)
     audit_log: str | None = None  # also append the audit log's JSON lines to this file
@@ -128,6 +133,7 @@ class AppArgs(Strict):
     bundle: str = "artifacts/default-bundle"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the replica has a GPU
     cache_entries: int = Field(4096, ge=0)  # router's embedding cache; 0 disables it
+    cache_mb: float = Field(256, ge=0)  # ... and its size in memory (token embeddings are big)
     encoder_timeout_s: float = Field(30.0, gt=0)
     gateway: GatewaySettings = GatewaySettings()
     metrics_port: int | None = Field(8002, ge=0, le=65535)  # None: no /metrics endpoint

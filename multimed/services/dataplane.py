@@ -6,23 +6,65 @@ status onto its protocol."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import string
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
+from multimed.models.catalog import CATALOG
 from multimed.models.errors import Overloaded
 from multimed.models.inputs import RawInput
 from multimed.services import metrics
-from multimed.services.audit import AuditLog, loggable, task_label
+from multimed.services.audit import MAX_ID, AuditLog, loggable, modality_label, task_label
 from multimed.services.coalesce import Coalescer
 from multimed.services.config import GatewaySettings
 from multimed.services.errors import Status, to_status
 from multimed.services.types import Embedding, PredictCall, PredictResult
 
 log = logging.getLogger("multimed.dataplane")
+# Request-id characters kept as sent: printable ASCII but "%" (the escape) and space.
+ID_SAFE = "".join(c for c in string.printable if c not in "% " and c.isprintable())
+
+
+# A call is refused when the work queued ahead of it would take more than this share of its
+# deadline: answering RESOURCE_EXHAUSTED at once beats accepting it to miss the deadline later.
+ADMIT_FRACTION = 0.8
+
+
+class Pace:
+    """How fast items complete, over the last WINDOW_S: the queue ahead of a new call, divided
+    by it, is how long that call would wait."""
+
+    WINDOW_S = 2.0
+    MIN_SAMPLES = 20
+
+    def __init__(self):
+        self.completions: deque[tuple[float, int]] = deque()
+        self.count = 0
+
+    def done(self, items: int) -> None:
+        now = time.monotonic()
+        self.completions.append((now, items))
+        self.count += items
+        while self.completions and self.completions[0][0] < now - self.WINDOW_S:
+            self.count -= self.completions.popleft()[1]
+
+    def wait_s(self, queued: int) -> float:
+        """0 until the window holds MIN_SAMPLES completions (a pace from a handful, right after
+        a lull, would refuse calls an idle server could answer at once)."""
+        now = time.monotonic()
+        while self.completions and self.completions[0][0] < now - self.WINDOW_S:
+            self.count -= self.completions.popleft()[1]
+        if self.count < self.MIN_SAMPLES:
+            return 0.0
+        span = max(now - self.completions[0][0], 0.1)
+        return queued * span / self.count
 
 
 @dataclass(frozen=True)
@@ -48,10 +90,23 @@ class DataPlane:
         self.settings = settings
         self.manifest = manifest
         self.audit = audit
-        self.coalescer: Coalescer[PredictCall] = Coalescer(
-            router.predict_many, settings.coalesce_max, settings.coalesce_slots
-        )
+        # One coalescer per set of modalities: a batch waits for every encoder it needs, so
+        # calls that need other encoders must not queue behind it.
+        self.coalescers: dict[tuple[str, ...], Coalescer[PredictCall]] = {}
         self.in_flight = 0
+        self.pace = Pace()
+
+    def _coalescer(self, call: PredictCall) -> Coalescer[PredictCall]:
+        key = tuple(sorted({r.modality for r in call.inputs} & set(CATALOG.modalities)))
+        coalescer = self.coalescers.get(key)
+        if coalescer is None:
+            coalescer = self.coalescers[key] = Coalescer(
+                self.router.predict_many,
+                self.settings.coalesce_max,
+                self.settings.coalesce_slots,
+                _dropped,
+            )
+        return coalescer
 
     @property
     def bundle_version(self) -> str:
@@ -59,8 +114,18 @@ class DataPlane:
 
     @staticmethod
     def request_id(*sent: str | None) -> str:
-        """The first id the client sent (message field, then metadata), or a new one."""
-        return next((s for s in sent if s), None) or uuid.uuid4().hex
+        """The first id the client sent (message field, then metadata), or a new one. Ids go
+        back in metadata, which takes printable ASCII only: anything else is percent-encoded
+        (an accented patient id still round-trips), and a long id is cut to MAX_ID characters,
+        its end replaced by a digest of the whole, so distinct ids stay distinct."""
+        chosen = next((s for s in sent if s), None)
+        if chosen is None:
+            return uuid.uuid4().hex
+        safe = quote(chosen, safe=ID_SAFE, errors="replace")
+        if len(safe) <= MAX_ID:
+            return safe
+        digest = hashlib.sha256(chosen.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return f"{safe[: MAX_ID - 17]}~{digest}"
 
     def timeout_s(self, remaining: float | None) -> float:
         return self.settings.default_timeout_s if remaining is None else remaining
@@ -71,17 +136,29 @@ class DataPlane:
         task: str,
         modalities: Iterable[str],
         work: Callable[[float], Awaitable[Any]],
+        items: int = 1,
     ) -> Outcome:
         """Run one call's `work(deadline)`: admission, deadline, error mapping, metrics and its
-        audit line. Cancellation (the caller went away) propagates after it is recorded."""
+        audit line. Admission counts items (a 64-item ModelInfer is 64): past `max_in_flight`
+        the call is refused before any work. Cancellation (the caller went away) propagates
+        after it is recorded."""
         started = time.perf_counter()
         label = task_label(task)
         status, message, result = Status.OK, "", None
-        metrics.IN_FLIGHT.labels(call.method).inc()
-        self.in_flight += 1
+        metrics.IN_FLIGHT.labels(call.method).inc(items)
+        self.in_flight += items
         try:
             if self.in_flight > self.settings.max_in_flight:
-                raise Overloaded(f"server overloaded: {self.in_flight - 1} requests in flight")
+                raise Overloaded(
+                    f"server overloaded: {self.in_flight - items} items in flight, "
+                    f"limit {self.settings.max_in_flight}; retry with backoff"
+                )
+            wait = self.pace.wait_s(self.in_flight - items)
+            if wait > call.timeout_s * ADMIT_FRACTION:
+                raise Overloaded(
+                    f"server overloaded: the queue ahead takes ~{wait:.1f} s, past this call's "
+                    f"{call.timeout_s:.1f} s deadline; retry with backoff"
+                )
             deadline = time.time() + call.timeout_s
             result = await asyncio.wait_for(work(deadline), call.timeout_s)
         except asyncio.CancelledError:
@@ -94,8 +171,10 @@ class DataPlane:
                     "id=%s %s task=%s failed", loggable(call.request_id), call.method, label
                 )
         finally:
-            self.in_flight -= 1
-            metrics.IN_FLIGHT.labels(call.method).dec()
+            if status is Status.OK:
+                self.pace.done(items)
+            self.in_flight -= items
+            metrics.IN_FLIGHT.labels(call.method).dec(items)
             elapsed = time.perf_counter() - started
             metrics.REQUESTS.labels(call.method, label, status.name).inc()
             metrics.LATENCY.labels(call.method, label).observe(elapsed)
@@ -112,7 +191,7 @@ class DataPlane:
 
     async def predict(self, call: PredictCall) -> PredictResult:
         """One task call, coalesced with every other waiting one into a router batch."""
-        result = await self.coalescer.submit(call)
+        result = await self._coalescer(call).submit(call)
         for modality, e in result.encoders.items():
             hit = e.batch_size == 0
             metrics.CACHE.labels(modality, "hit" if hit else "miss").inc()
@@ -125,3 +204,11 @@ class DataPlane:
     async def embed(self, raws: list[RawInput], deadline: float) -> list[Embedding | Exception]:
         """Encoder outputs for inputs of any modalities; an input's error comes as its value."""
         return await self.router.embed_many(raws, deadline)
+
+
+def _dropped(call: PredictCall) -> None:
+    expired = call.deadline is not None and call.deadline <= time.time()
+    for raw in call.inputs:
+        metrics.DROPPED.labels(
+            modality_label(raw.modality), "expired" if expired else "cancelled"
+        ).inc()

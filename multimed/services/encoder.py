@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
+import numpy as np
 import torch
 from ray import serve
 
@@ -15,6 +17,7 @@ from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import Batch
 from multimed.models.modalities.registry import build_pipeline
 from multimed.services.config import BatchConfig, EncoderBackend
+from multimed.services.errors import Expired, ModelFault
 from multimed.services.remote import TritonEncoder
 from multimed.services.types import Embedding
 
@@ -56,10 +59,28 @@ class Encoder:
         self.run_batch.set_max_batch_size(config.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
 
-    async def encode_many(self, raws: list[RawInput]) -> list[Embedding | InputError]:
-        """Decode and validate each input alone (a bad one answers with its error), then run the
-        valid ones through the dynamic batcher, which also merges concurrent callers."""
-        prepared: list[Batch | InputError] = []
+    async def encode_many(
+        self, raws: list[RawInput], deadlines: list[float | None] | None = None
+    ) -> list[Embedding | Exception]:
+        """Decode and validate each input alone, in a worker thread so this replica's event loop
+        keeps batching while a large series decodes (a bad input answers with its error); drop
+        inputs whose caller's deadline has passed; run the rest through the dynamic batcher,
+        which also merges concurrent callers."""
+        prepared: list[Batch | Exception] = await asyncio.to_thread(self._prepare, raws)
+        now = time.time()
+        for i, deadline in enumerate(deadlines or ()):
+            if deadline is not None and deadline <= now and not isinstance(prepared[i], Exception):
+                prepared[i] = Expired("the deadline passed before the encoder ran")
+        valid = [p for p in prepared if not isinstance(p, Exception)]
+        self.waiting += len(valid)
+        try:
+            encoded = iter(await asyncio.gather(*(self.run_batch(p) for p in valid)))
+        finally:
+            self.waiting -= len(valid)
+        return [p if isinstance(p, Exception) else next(encoded) for p in prepared]
+
+    def _prepare(self, raws: list[RawInput]) -> list[Batch | Exception]:
+        prepared: list[Batch | Exception] = []
         for raw in raws:
             try:
                 if raw.modality != self.modality:
@@ -72,27 +93,21 @@ class Encoder:
                 prepared.append(
                     InputError(self.modality, f"could not be decoded ({type(error).__name__})")
                 )
-        valid = [p for p in prepared if not isinstance(p, InputError)]
-        self.waiting += len(valid)
-        try:
-            encoded = iter(await asyncio.gather(*(self.run_batch(p) for p in valid)))
-        finally:
-            self.waiting -= len(valid)
-        return [p if isinstance(p, InputError) else next(encoded) for p in prepared]
+        return prepared
 
     # Replaced at start by reconfigure() from BatchConfig (the serve config's user_config).
     @serve.batch(
         max_batch_size=BatchConfig().max_batch_size,
         batch_wait_timeout_s=BatchConfig().batch_wait_ms / 1000,
     )
-    async def run_batch(self, items: list[Batch]) -> list[Embedding]:
+    async def run_batch(self, items: list[Batch]) -> list[Embedding | ModelFault]:
         depth = self.waiting
         # Raw and model-ready items differ in their keys (text: token ids vs features): each
         # kind is collated and run apart.
         kinds: dict[tuple[str, ...], list[int]] = {}
         for i, item in enumerate(items):
             kinds.setdefault(tuple(sorted(item)), []).append(i)
-        results: list[Embedding] = [None] * len(items)  # type: ignore[list-item]
+        results: list[Embedding | ModelFault] = [None] * len(items)  # type: ignore[list-item]
         for members in kinds.values():
             batch = self.pipeline.collate([items[i] for i in members])
             if self.remote is None:
@@ -102,5 +117,13 @@ class Encoder:
             for i, item in zip(members, self.pipeline.unbatch(out), strict=True):
                 tokens = None if item.tokens is None else item.tokens[0].float().cpu().numpy()
                 pooled = item.pooled[0].float().cpu().numpy()
+                if not np.isfinite(pooled).all() or (
+                    tokens is not None and not np.isfinite(tokens).all()
+                ):  # finite inputs are checked on decode: this one is the model's fault
+                    log.error("%s encoder produced non-finite values", self.modality)
+                    results[i] = ModelFault(
+                        f"the {self.modality} encoder produced non-finite values"
+                    )
+                    continue
                 results[i] = Embedding(pooled, tokens, len(items), depth, self.replica)
         return results

@@ -20,6 +20,15 @@ class ModelNotFound(e.MultiMedError):
     """No such model or version (NOT_FOUND)."""
 
 
+class ModelFault(e.MultiMedError):
+    """A model produced what no input can excuse (non-finite embeddings or scores): INTERNAL,
+    with a message that names the model but no value."""
+
+
+class Expired(e.MultiMedError, TimeoutError):
+    """An item's deadline passed before its encoder ran it: dropped unrun."""
+
+
 class Status(Enum):
     """(gRPC code, HTTP status). The names are gRPC's, so `grpc.StatusCode[status.name]`."""
 
@@ -58,6 +67,7 @@ STATUS: tuple[tuple[type[BaseException], Status], ...] = (
     (BackPressureError, Status.RESOURCE_EXHAUSTED),
     (e.BundleError, Status.FAILED_PRECONDITION),
     (e.BackendUnavailable, Status.UNAVAILABLE),
+    (ModelFault, Status.INTERNAL),
     (TimeoutError, Status.DEADLINE_EXCEEDED),
     (asyncio.CancelledError, Status.CANCELLED),
     (ray_exceptions.TaskCancelledError, Status.CANCELLED),

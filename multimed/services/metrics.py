@@ -3,7 +3,12 @@ with each result) and served on one port at /metrics."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 REGISTRY = CollectorRegistry()
 
@@ -45,6 +50,24 @@ ENCODED = Counter(
     ["modality", "replica"],
     registry=REGISTRY,
 )
+DROPPED = Counter(
+    "multimed_dropped_items",
+    "Inputs dropped before their encoder ran them: their caller's deadline passed, or the "
+    "caller cancelled",
+    ["modality", "reason"],
+    registry=REGISTRY,
+)
+ENCODER_LIVE = Gauge(
+    "multimed_encoder_live",
+    "1 while the encoder has a live replica (tasks that need it are NOT_SERVING otherwise)",
+    ["modality"],
+    registry=REGISTRY,
+)
+CACHE_BYTES = Gauge(
+    "multimed_embedding_cache_bytes",
+    "Bytes held by the router's embedding cache",
+    registry=REGISTRY,
+)
 CACHE = Counter(
     "multimed_embedding_cache",
     "Router embedding cache lookups",
@@ -53,7 +76,23 @@ CACHE = Counter(
 )
 
 
-def serve_metrics(host: str, port: int):
-    """Start the /metrics endpoint; returns the server (its shutdown() stops it)."""
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+def serve_metrics(host: str, port: int, allowed: Callable[[str], bool] | None = None):
+    """Start the /metrics endpoint in a thread; with `allowed`, a scrape must send an
+    `Authorization` header it accepts (401 otherwise). Returns the server (shutdown() stops
+    it)."""
+    exposition = make_wsgi_app(REGISTRY)
+
+    def app(environ, start_response):
+        if allowed is not None and not allowed(environ.get("HTTP_AUTHORIZATION", "")):
+            start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer")])
+            return [b"missing or wrong bearer token\n"]
+        return exposition(environ, start_response)
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):  # scrapes every few seconds: not worth a log line
+        pass

@@ -8,20 +8,26 @@ import asyncio
 import logging
 
 import torch
+from ray import serve
 
 from multimed.models.bundle import load_bundle
 from multimed.models.modalities.registry import build_pipelines
 from multimed.models.tasks import TaskModels
+from multimed.services import metrics
 from multimed.services.audit import AuditLog
-from multimed.services.config import GatewaySettings
+from multimed.services.config import GatewaySettings, encoder_deployment
 from multimed.services.dataplane import DataPlane
-from multimed.services.frontends.grpc_common import Door
+from multimed.services.frontends.auth import Tokens
+from multimed.services.frontends.grpc_common import Door, Readiness
 from multimed.services.frontends.grpc_server import start_listener
 from multimed.services.metrics import serve_metrics
 from multimed.services.router import Router
 from multimed.services.triton import encoder_signature
 
 log = logging.getLogger("multimed.replica")
+WATCH_S = 1.0  # how often encoder liveness is read from the Serve controller
+DRAIN_S = 5.0  # grace for calls in flight at shutdown
+RUNNING = "RUNNING"  # Serve's ReplicaState is a str enum; its class is private
 
 
 class RouterReplica:
@@ -33,12 +39,15 @@ class RouterReplica:
         encoder_timeout_s: float = 30.0,
         gateway: dict | None = None,
         metrics_port: int | None = None,
+        cache_mb: float = 256,
     ):
         torch.set_num_threads(1)
         loaded = load_bundle(bundle)
         tasks = TaskModels(loaded.config)
         tasks.load_state_dict(loaded.tasks_state())
-        self.router = Router(encoders, tasks, loaded.version, cache_entries, encoder_timeout_s)
+        self.router = Router(
+            encoders, tasks, loaded.version, cache_entries, encoder_timeout_s, cache_mb
+        )
         settings = GatewaySettings.model_validate(gateway or {})
         self.audit = AuditLog(settings.audit_log)
         plane = DataPlane(self.router, settings, loaded.manifest, self.audit)
@@ -50,27 +59,70 @@ class RouterReplica:
         self.listener = await start_listener(Door(plane, signatures))
         if metrics_port is not None:
             try:
-                serve_metrics(settings.host, metrics_port)
+                # With tokens on, /metrics asks for one too (the same file, or MULTIMED_TOKEN).
+                tokens = Tokens(settings.token_file)
+                allowed = (
+                    (lambda sent: tokens.name_of(sent) is not None) if tokens.enabled else None
+                )
+                serve_metrics(settings.host, metrics_port, allowed)
             except OSError:  # another router replica on this node already serves /metrics
                 log.warning(
                     "metrics port %d busy; this replica's metrics are not exported", metrics_port
                 )
+        self._watch: asyncio.Future | None = None
         self._until_serving = asyncio.ensure_future(self._serving_when_encoders_answer())
 
     async def _serving_when_encoders_answer(self) -> None:
-        """Health turns SERVING once every encoder has answered an (empty) call."""
+        """Health turns SERVING once every encoder has answered an (empty) call; from then on
+        the watch keeps each task's health true to its encoders' replicas."""
         await self.router.encoders_answer()
-        await self.listener.set_serving(True)
+        live = frozenset(self.router.encoders)
+        await self.listener.set_readiness(Readiness(True, live))
         log.info("serving (bundle %s)", self.router.bundle_version)
+        self._watch = asyncio.ensure_future(self._watch_encoders())
+
+    async def _watch_encoders(self) -> None:
+        """Every WATCH_S: which encoders have a RUNNING replica, by the Serve controller's
+        account (it notices a dead replica within its health-check period)."""
+        app = serve.get_replica_context().replica_id.deployment_id.app_name
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                status = await asyncio.to_thread(serve.status)
+                deployments = status.applications[app].deployments
+            except Exception:  # the controller restarting: keep the last view
+                log.warning("Serve controller did not answer; encoder health unchanged")
+                continue
+            live = frozenset(
+                m
+                for m in self.router.encoders
+                if deployments[encoder_deployment(m)].replica_states.get(RUNNING, 0)
+            )
+            for m in self.router.encoders:
+                metrics.ENCODER_LIVE.labels(m).set(m in live)
+            if live != self.listener.readiness.live:
+                log.warning(
+                    "encoders without a live replica: %s",
+                    sorted(set(self.router.encoders) - live) or "none",
+                )
+            self.router.down = frozenset(self.router.encoders) - live
+            await self.listener.set_readiness(Readiness(True, live))
 
     def serving(self) -> bool:
         """Whether this replica's listener reports SERVING (`multimed serve` waits on it); a
         failed start raises here, so the caller sees why instead of waiting on."""
         return self._until_serving.done() and self._until_serving.result() is None
 
-    async def __del__(self):
-        """Replica shutdown (Ray Serve calls it): health goes NOT_SERVING, calls in flight get a
-        moment to finish, then the listener closes."""
+    async def drain(self, grace_s: float = DRAIN_S) -> None:
+        """Health goes NOT_SERVING everywhere, new calls are refused, and calls in flight get
+        `grace_s` to finish (`multimed serve` calls it on Ctrl-C / SIGTERM, before the
+        encoders go)."""
         self._until_serving.cancel()
-        await self.listener.stop(grace_s=5)
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.listener.stop(grace_s)
+
+    async def __del__(self):
+        """Replica shutdown (Ray Serve calls it): drained, unless that was done already."""
+        await self.drain()
         self.audit.close()

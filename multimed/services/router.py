@@ -8,18 +8,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from multimed.models.catalog import CATALOG
-from multimed.models.errors import InputError, MissingModality, MultiMedError
+from multimed.models.errors import BackendUnavailable, InputError, MissingModality, MultiMedError
 from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import EncoderOutput
 from multimed.models.outputs import Prediction
 from multimed.models.tasks import TaskModels
+from multimed.services import metrics
 from multimed.services.cache import EmbeddingCache, content_key
+from multimed.services.errors import Expired, ModelFault
 from multimed.services.types import Embedding, EncodeStats, PredictCall, PredictResult
 
 log = logging.getLogger("multimed.router")
@@ -39,7 +41,9 @@ def group_calls(
 
 class Router:
     """Holds the task models, the embedding cache and the encoder handles (Ray Serve deployment
-    handles in production: anything whose `encode_many.remote(raws)` awaits per-input results)."""
+    handles in production: anything whose `encode_many.remote(raws, deadlines)` awaits
+    per-input results). Each encoder is asked on its own: a slow or failing encoder delays or
+    fails only the calls that need it."""
 
     def __init__(
         self,
@@ -48,48 +52,58 @@ class Router:
         bundle_version: str,
         cache_entries: int = 4096,
         encoder_timeout_s: float = 30.0,
+        cache_mb: float = 256,
     ):
         self.encoders = encoders
         self.tasks = tasks.eval()
         self.bundle_version = bundle_version
-        self.cache = EmbeddingCache(cache_entries)
+        self.cache = EmbeddingCache(cache_entries, int(cache_mb * 2**20))
         self.encoder_timeout_s = encoder_timeout_s
+        # Encoders with no live replica (kept by the replica's watch): calls that need one fail
+        # at once with UNAVAILABLE instead of queueing until a replica comes back.
+        self.down: frozenset[str] = frozenset()
 
     async def encoders_answer(self) -> None:
         """Returns once every encoder has answered an (empty) call."""
-        await asyncio.gather(*(h.encode_many.remote([]) for h in self.encoders.values()))
+        await asyncio.gather(*(h.encode_many.remote([], []) for h in self.encoders.values()))
 
     async def embed_many(
         self, raws: list[RawInput], deadline: float | None = None
-    ) -> list[Embedding | MultiMedError]:
+    ) -> list[Embedding | Exception]:
         """-> per input an Embedding, or its error as a value (raised by the caller, so that
         replica logs never carry an error message quoting the input)."""
-        keys: list[str | MultiMedError] = []
-        wanted: dict[str, dict[str, RawInput]] = {}
-        for raw in raws:
-            try:
-                CATALOG.modality(raw.modality)
-            except MultiMedError as error:
-                keys.append(error)
-                continue
-            keys.append(content_key(raw))
-            wanted.setdefault(raw.modality, {})[keys[-1]] = raw
-        encoded = await self._encode(wanted, deadline)
+        keys: list[str | Exception] = await _off_loop_if_large(raws, lambda: _keys(raws))
+        wanted: dict[str, dict[str, Wanted]] = {}
+        for raw, key in zip(raws, keys, strict=True):
+            if isinstance(key, str):
+                wanted.setdefault(raw.modality, {})[key] = Wanted(raw, deadline)
+        encoded = await self._encode(wanted)
         return [encoded[k] if isinstance(k, str) else k for k in keys]
 
     async def predict_many(self, calls: list[PredictCall]) -> list[PredictResult | Exception]:
         """Calls coalesced by the data plane: one encoder call per modality for the whole batch and
-        one fusion pass per (task, modalities) group. A failing call fails alone."""
+        one fusion pass per (task, modalities) group. A failing call fails alone; a call whose
+        deadline has passed is dropped before any encoder runs it."""
         started = time.perf_counter()
-        checked = [_checked_inputs(call) for call in calls]
-        wanted: dict[str, dict[str, RawInput]] = {}
-        for inputs in checked:
-            if not isinstance(inputs, Exception):
-                for m, (key, raw) in inputs.items():
-                    wanted.setdefault(m, {})[key] = raw
-        # The batch waits for its most patient caller; the data plane enforces each caller's own.
-        deadlines = [c.deadline for c in calls if c.deadline is not None]
-        encoded = await self._encode(wanted, max(deadlines) if deadlines else None)
+        checked = await _off_loop_if_large(
+            [r for c in calls for r in c.inputs], lambda: [_checked_inputs(c) for c in calls]
+        )
+        now = time.time()
+        wanted: dict[str, dict[str, Wanted]] = {}
+        for i, (call, inputs) in enumerate(zip(calls, checked, strict=True)):
+            if isinstance(inputs, Exception):
+                continue
+            if call.deadline is not None and call.deadline <= now:
+                for m in inputs:
+                    metrics.DROPPED.labels(m, "expired").inc()
+                checked[i] = Expired("the deadline passed before the encoders ran")
+                continue
+            for m, (key, raw) in inputs.items():
+                item = wanted.setdefault(m, {}).get(key)
+                # An input shared by several calls waits for its most patient caller.
+                deadline = call.deadline if item is None else _later(item.deadline, call.deadline)
+                wanted[m][key] = Wanted(raw, deadline)
+        encoded = await self._encode(wanted)
         encoded_at = time.perf_counter()
 
         results: list = [_embeddings(inputs, encoded) for inputs in checked]  # errors stay
@@ -103,6 +117,10 @@ class Router:
                 continue
             fused_at = time.perf_counter()
             for i, (prediction, contributions) in zip(members, predictions, strict=True):
+                if not _finite(prediction.scores, list(contributions.values())):
+                    log.error("task %s produced non-finite scores", task)
+                    results[i] = ModelFault(f"task {task} produced non-finite scores")
+                    continue
                 results[i] = self._result(
                     calls[i],
                     results[i],
@@ -114,40 +132,59 @@ class Router:
         return results
 
     async def _encode(
-        self, wanted: dict[str, dict[str, RawInput]], deadline: float | None
+        self, wanted: dict[str, dict[str, Wanted]]
     ) -> dict[str, Embedding | Exception]:
         """Content key -> embedding (or that input's error): cache first, then one call per
-        encoder for all its misses, all encoders at once."""
+        encoder for all its misses, every encoder at once and each on its own."""
         out: dict[str, Embedding | Exception] = {}
-        misses: dict[str, list[tuple[str, RawInput]]] = {}
+        misses: dict[str, list[tuple[str, Wanted]]] = {}
         for m, items in wanted.items():
-            for key, raw in items.items():
+            for key, item in items.items():
                 hit = self.cache.get((self.bundle_version, key))
                 if hit is None:
-                    misses.setdefault(m, []).append((key, raw))
+                    misses.setdefault(m, []).append((key, item))
                 else:
                     out[key] = replace(hit, batch_size=0)
-        if not misses:
-            return out
-        timeout = self.encoder_timeout_s
-        if deadline is not None:
-            timeout = min(timeout, max(deadline - time.time(), 0.001))
-        calls = {
-            m: self.encoders[m].encode_many.remote([raw for _, raw in items])
-            for m, items in misses.items()
-        }
-        try:
-            answers = await asyncio.wait_for(asyncio.gather(*calls.values()), timeout)
-        except TimeoutError:
-            for response in calls.values():
-                response.cancel()
-            raise
-        for items, results in zip(misses.values(), answers, strict=True):
-            for (key, _), result in zip(items, results, strict=True):
-                out[key] = result
-                if not isinstance(result, Exception):
-                    self.cache.put((self.bundle_version, key), result)
+        await asyncio.gather(*(self._encode_with(m, items, out) for m, items in misses.items()))
+        metrics.CACHE_BYTES.set(self.cache.bytes)
         return out
+
+    async def _encode_with(
+        self, modality: str, items: list[tuple[str, Wanted]], out: dict[str, Embedding | Exception]
+    ) -> None:
+        """One encoder's call for `items`; every outcome, errors included, lands in `out`."""
+        results: list = []
+        if modality in self.down:
+            error = BackendUnavailable(f"the {modality} encoder has no live replica; retry")
+            results = [error] * len(items)
+        else:
+            deadlines = [item.deadline for _, item in items]
+            timeout, error = (
+                self.encoder_timeout_s,
+                BackendUnavailable(
+                    f"the {modality} encoder did not answer in {self.encoder_timeout_s:g} s"
+                ),
+            )
+            if None not in deadlines:
+                left = max(deadlines) - time.time()  # type: ignore[operator]
+                if left < timeout:
+                    timeout, error = max(left, 0.001), Expired("deadline exceeded at the encoder")
+            response = self.encoders[modality].encode_many.remote(
+                [item.raw for _, item in items], deadlines
+            )
+            try:
+                results = await asyncio.wait_for(response, timeout)
+            except TimeoutError:
+                response.cancel()
+                results = [error] * len(items)
+            except Exception as failure:  # a dead replica, say: fails this encoder's inputs
+                results = [failure] * len(items)
+        for (key, _), result in zip(items, results, strict=True):
+            out[key] = result
+            if isinstance(result, Expired):
+                metrics.DROPPED.labels(modality, "expired").inc()
+            elif not isinstance(result, Exception):
+                self.cache.put((self.bundle_version, key), result)
 
     def _fuse(self, task: str, members: list[dict[str, Embedding]], explain: bool):
         """One fusion pass for calls with the same task and modalities (per call when the
@@ -202,7 +239,62 @@ class Router:
         return out
 
 
-def _checked_inputs(call: PredictCall) -> dict[str, tuple[str, RawInput]] | MultiMedError:
+@dataclass(frozen=True)
+class Wanted:
+    """An input to encode, and the latest deadline of the calls waiting for it."""
+
+    raw: RawInput
+    deadline: float | None
+
+
+def _later(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else max(a, b)
+
+
+def _finite(*values) -> bool:
+    return all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in values)
+
+
+# Hashing (and checking) a batch's inputs larger than this runs in a thread, off the event loop.
+OFF_LOOP_BYTES = 256 * 1024
+
+
+def _payload_bytes(raw: RawInput) -> int:
+    data = raw.data
+    if isinstance(data, np.ndarray):
+        return data.nbytes
+    if isinstance(data, str | bytes | bytearray | memoryview):
+        return len(data)
+    if isinstance(data, Mapping):
+        return 64 * len(data)
+    if isinstance(data, list | tuple):
+        return sum(len(p) if isinstance(p, bytes | str) else 64 for p in data)
+    return 64
+
+
+async def _off_loop_if_large(raws: list[RawInput], function):
+    """`function()`, in a thread when `raws` are large: sha256 over megabytes would hold the
+    event loop for that long."""
+    if sum(_payload_bytes(r) for r in raws) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(function)
+    return function()
+
+
+def _keys(raws: list[RawInput]) -> list[str | Exception]:
+    """Each input's content key, or why it cannot be encoded."""
+    out: list[str | Exception] = []
+    for raw in raws:
+        try:
+            CATALOG.modality(raw.modality)
+            out.append(content_key(raw))
+        except MultiMedError as error:
+            out.append(error)
+        except Exception as error:  # data of a shape no front door should let through
+            out.append(InputError(raw.modality, f"input cannot be read ({type(error).__name__})"))
+    return out
+
+
+def _checked_inputs(call: PredictCall) -> dict[str, tuple[str, RawInput]] | Exception:
     """The call's inputs by modality, keyed by content, or why the call cannot be answered."""
     try:
         spec = CATALOG.task(call.task)
@@ -216,6 +308,8 @@ def _checked_inputs(call: PredictCall) -> dict[str, tuple[str, RawInput]] | Mult
         return inputs
     except MultiMedError as error:
         return error
+    except Exception as error:  # content_key on data of a shape no front door should pass
+        return InputError(raw.modality, f"input cannot be read ({type(error).__name__})")
 
 
 def _as_output(e: Embedding) -> EncoderOutput:

@@ -27,12 +27,18 @@ log = logging.getLogger("multimed.server")
 
 LOCAL_LOGICAL_CPUS = 16
 SERVING_TIMEOUT_S = 600  # from replicas up to every encoder answering
-# Replicas inherit these (issue #3's probes: glibc malloc made batch 32 ~1.8x slower).
+# Replicas inherit these. glibc malloc's adaptive mmap threshold made batch 32 ~1.8x slower (it
+# returned and refaulted batch buffers every step): a fixed 32 MiB threshold keeps batch buffers
+# on the heap, while anything larger (a refused bomb's buffers) is mapped and goes back to the
+# OS when freed; the heap is trimmed past 64 MiB free; two arenas, as decoding threads would
+# otherwise each get one.
 REPLICA_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "1073741824",
-    "MALLOC_TRIM_THRESHOLD_": "1073741824",
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(64 << 20),
+    "MALLOC_ARENA_MAX": "2",
     "OMP_NUM_THREADS": "1",
 }
+DRAIN_S = 5.0  # calls in flight get this long to finish on Ctrl-C / SIGTERM
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,7 @@ async def run(options: ServeOptions) -> None:
         runtime_env={**app_config.runtime_env, "env_vars": env_vars},
     )
     stop = asyncio.Event()
+    handles: list = []  # the router deployment's, once deployed
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -120,6 +127,7 @@ async def run(options: ServeOptions) -> None:
             # The handle reaches a router replica over Ray, so waiting needs no client
             # certificate even when the port asks for one.
             replica = serve.run(build(app_config), name=app_config.name, route_prefix=None)
+            handles.append(replica)
             deadline = time.monotonic() + SERVING_TIMEOUT_S
             while not replica.serving.remote().result(timeout_s=30):
                 if time.monotonic() > deadline:
@@ -149,11 +157,22 @@ async def run(options: ServeOptions) -> None:
         await stopping
         print("stopping...", flush=True)
     finally:
+        if handles:
+            await asyncio.to_thread(_drain, handles[0])
         if options.ray_address:
             serve.delete(app_config.name)  # a shared cluster keeps its other applications
         else:
             serve.shutdown()
         ray.shutdown()
+
+
+def _drain(router) -> None:
+    """Before the encoders go: router replicas turn NOT_SERVING, refuse new calls and give the
+    ones in flight DRAIN_S to finish."""
+    try:
+        router.drain.remote(DRAIN_S).result(timeout_s=DRAIN_S + 10)
+    except Exception as e:  # stopping anyway; say why the drain was cut short
+        log.warning("drain incomplete: %s", type(e).__name__)
 
 
 def serve_forever(options: ServeOptions) -> None:

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from certs import authority
-from conftest import TOKEN, _serve_config, running_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from servers import TOKEN, running_server, serve_config
 
 from multimed.client import MultiMedClient
 from multimed.models.catalog import InputForm
@@ -47,7 +47,7 @@ def pki(tmp_path_factory):
 def tls_server(tmp_path_factory, bundle, pki):
     """-> (url, audit log path, serve log path)."""
     work = tmp_path_factory.mktemp("tls")
-    config = _serve_config(work / "serve_config.yaml", bundle)
+    config = serve_config(work / "serve_config.yaml", bundle)
     audit = work / "audit.jsonl"
     extra = (
         "--tls-cert",

@@ -7,14 +7,19 @@ Layouts: grayscale [H, W] or [F, H, W] (multi-frame); RGB [H, W, 3] in stored un
 
 from __future__ import annotations
 
+import math
+import zlib
 from io import BytesIO
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
     SecondaryCaptureImageStorage,
@@ -22,30 +27,111 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from multimed.models.codecs.image import MAX_SIDE
 from multimed.models.errors import InputError
 
-# Refuse before decoding anything larger: 2**27 voxels is a 512^3 volume (512 MiB as float32).
-MAX_VOXELS = 2**27
+# Limits, all checked from the header before anything is inflated or decoded. The pipelines read
+# at most a 1024-px side (2-D) or 256 x 512 x 512 voxels (volumes), by default 64 px and
+# 16 x 64 x 64. Rows and Columns share the 2-D image side limit, MAX_SIDE (4096).
+# 2**24 values is a 4096 x 4096 radiograph or 64 CT slices of 512 x 512. Decoding costs about
+# 16 bytes a value (stored ints, float64 modality LUT, float32), so ~270 MB at the limit.
+MAX_VOXELS = 2**24
+# Parsed bytes of one input (a file, or a whole series): the voxel limit at 32 bits a value
+# (64 MiB) plus as much again for headers. For the deflate transfer syntax this is the inflated
+# size, measured before pydicom inflates the whole dataset in one piece.
+MAX_BYTES = 2**27
+# Files in a series. A thin-slice CT has up to ~1000 (0.5 mm over 50 cm); each file is parsed
+# before the series' voxels can be summed, so the count is refused first.
+MAX_SERIES_FILES = 1024
+_INFLATE_CHUNK = 2**20  # output bytes per step while measuring an inflated size (then discarded)
 _UINT16_MAX = 65535
 
 
-def load_dicom(data: bytes, modality: str) -> Dataset:
-    """Parse one DICOM file and check it holds pixel data of an acceptable size."""
+def load_dicom(data: bytes, modality: str, max_bytes: int = MAX_BYTES) -> Dataset:
+    """Parse one DICOM file and check, from its header, that its pixel data can be decoded
+    within the limits. Nothing is inflated past `max_bytes` and no pixel is decoded."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InputError(modality, f"DICOM input must be bytes, got {type(data).__name__}")
+    data = bytes(data)
     try:
-        ds = pydicom.dcmread(BytesIO(bytes(data)))
-    except Exception as e:  # pydicom raises many exception types on corrupt input
+        size = _parsed_size(data, max_bytes)
+    except Exception as e:  # pydicom and zlib raise many exception types on corrupt input
         raise InputError(modality, f"not a readable DICOM file ({e})") from None
+    if size > max_bytes:
+        raise InputError(modality, f"DICOM data is over {max_bytes} bytes once inflated")
+    try:
+        ds = pydicom.dcmread(BytesIO(data))
+    except Exception as e:
+        raise InputError(modality, f"not a readable DICOM file ({e})") from None
+    _check_pixel_data(ds, modality)
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        number(ds, keyword, modality)
+    return ds
+
+
+def _parsed_size(data: bytes, limit: int) -> int:
+    """The bytes pydicom will hold once it has parsed `data`: for the deflate transfer syntax
+    the inflated size, measured in bounded steps with the output discarded, stopping once past
+    `limit` (a few hundred KB of zeros inflate to gigabytes)."""
+    fp = BytesIO(data)
+    read_preamble(fp, force=False)
+    meta = read_dataset(  # the file meta group (0002,xxxx) only, as pydicom reads it
+        fp, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag >> 16 != 2
+    )
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return len(data)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as pydicom inflates it
+    size, pending = 0, data[fp.tell() :]
+    while pending and size <= limit:
+        size += len(inflater.decompress(pending, _INFLATE_CHUNK))
+        pending = inflater.unconsumed_tail
+    return size
+
+
+def _check_pixel_data(ds: Dataset, modality: str) -> None:
+    """Refuse pixel data whose declared size is over the limits, or (uncompressed) whose length
+    is not the declared size; compressed data is decoded into the declared size only."""
     if "PixelData" not in ds:
         raise InputError(modality, "DICOM file has no pixel data")
     try:
-        voxels = _frames(ds) * int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+        rows, columns, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        frames, samples = _frames(ds), int(ds.get("SamplesPerPixel", 1))
     except (AttributeError, TypeError, ValueError):
-        raise InputError(modality, "DICOM file lacks valid Rows/Columns") from None
+        raise InputError(
+            modality, "DICOM file lacks valid Rows/Columns/BitsAllocated/NumberOfFrames"
+        ) from None
+    if min(rows, columns) < 1 or max(rows, columns) > MAX_SIDE:
+        raise InputError(modality, f"DICOM image is {columns}x{rows}; sides must be 1..{MAX_SIDE}")
+    if min(frames, samples, bits) < 1:
+        raise InputError(
+            modality, "DICOM NumberOfFrames, SamplesPerPixel and BitsAllocated must be positive"
+        )
+    voxels = frames * rows * columns * samples
     if voxels > MAX_VOXELS:
         raise InputError(modality, f"DICOM image has {voxels} values, over the {MAX_VOXELS} limit")
-    return ds
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not UID(syntax).is_encapsulated:
+        declared = (voxels * bits + 7) // 8
+        held = len(ds.PixelData)
+        if held not in (declared, declared + declared % 2):  # values are padded to even length
+            raise InputError(
+                modality, f"DICOM pixel data holds {held} bytes, its header declares {declared}"
+            )
+
+
+def number(ds: Dataset, keyword: str, modality: str) -> float | None:
+    """A numeric attribute's first value (files may list several); None when absent. NaN, Inf
+    or unreadable values are refused by name: they would turn every pixel into NaN."""
+    try:
+        value = ds.get(keyword)
+        if value is None:
+            return None
+        result = float(value[0] if isinstance(value, MultiValue) else value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        result = math.nan
+    if not math.isfinite(result):
+        raise InputError(modality, f"DICOM {keyword} is not a finite number")
+    return result
 
 
 def pixel_values(ds: Dataset, modality: str) -> np.ndarray:
@@ -57,7 +143,11 @@ def pixel_values(ds: Dataset, modality: str) -> np.ndarray:
         raise InputError(modality, f"cannot decode DICOM pixel data ({syntax}): {e}") from None
     if is_rgb(ds):  # the modality LUT applies to grayscale only
         return stored.astype(np.float32)
-    return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    with np.errstate(over="ignore"):  # overflow is checked below, by name
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise InputError(modality, "DICOM values overflow float32 after RescaleSlope/Intercept")
+    return values
 
 
 def read_dicom(data: bytes, modality: str) -> np.ndarray:
@@ -86,15 +176,16 @@ def apply_window(
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def to_display(ds: Dataset, values: np.ndarray) -> np.ndarray:
+def to_display(ds: Dataset, values: np.ndarray, modality: str) -> np.ndarray:
     """Modality values -> [0, 1] as a viewer would show them: the file's first VOI window (or
     the value range when it has none), inverted for MONOCHROME1. RGB is scaled by bit depth."""
     if is_rgb(ds):
         return values / float(2 ** int(ds.get("BitsStored", 8)) - 1)
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    center, width = number(ds, "WindowCenter", modality), number(ds, "WindowWidth", modality)
     if center is not None and width is not None:
-        function = ds.get("VOILUTFunction", "LINEAR")
-        out = apply_window(values, _first(center), _first(width), function)
+        if width <= 0:
+            raise InputError(modality, f"DICOM WindowWidth must be positive, got {width:g}")
+        out = apply_window(values, center, width, ds.get("VOILUTFunction", "LINEAR"))
     else:
         lo, hi = float(values.min()), float(values.max())
         out = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
@@ -103,17 +194,17 @@ def to_display(ds: Dataset, values: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _first(value) -> float:
-    """A file may list several windows; viewers default to the first."""
-    return float(value[0] if isinstance(value, MultiValue) else value)
-
-
 def read_dicom_series(files: list[bytes], modality: str) -> np.ndarray:
     """A series (one file per slice, or a single multi-frame file) -> float32 [D, H, W] in
     modality units, slices in spatial order along the slice normal."""
     if not isinstance(files, list | tuple) or not files:
         raise InputError(modality, "DICOM series must be a non-empty list of files")
-    datasets = [load_dicom(f, modality) for f in files]
+    if len(files) > MAX_SERIES_FILES:
+        raise InputError(
+            modality, f"DICOM series has {len(files)} files, over the {MAX_SERIES_FILES} limit"
+        )
+    # Slices are alike in size, so each file gets an equal share of the series' byte budget.
+    datasets = [load_dicom(f, modality, MAX_BYTES // len(files)) for f in files]
     if any(is_rgb(ds) for ds in datasets):
         raise InputError(modality, "a volume must be grayscale, got an RGB DICOM")
     if len(datasets) == 1:
@@ -129,18 +220,27 @@ def read_dicom_series(files: list[bytes], modality: str) -> np.ndarray:
         raise InputError(modality, f"slices differ in Rows/Columns: {sorted(shapes)}")
     if len(datasets) * int(datasets[0].Rows) * int(datasets[0].Columns) > MAX_VOXELS:
         raise InputError(modality, f"series has over {MAX_VOXELS} voxels")
-    return np.stack([pixel_values(ds, modality) for ds in _spatial_order(datasets)])
+    ordered = _spatial_order(datasets, modality)
+    return np.stack([pixel_values(ds, modality) for ds in ordered])
 
 
-def _spatial_order(datasets: list[Dataset]) -> list[Dataset]:
+def _spatial_order(datasets: list[Dataset], modality: str) -> list[Dataset]:
     """Sort by position projected on the slice normal; else by InstanceNumber; else as sent."""
-    if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for ds in datasets):
-        orientation = np.asarray(datasets[0].ImageOrientationPatient, dtype=np.float64)
-        normal = np.cross(orientation[:3], orientation[3:])
-        return sorted(datasets, key=lambda ds: float(np.dot(ds.ImagePositionPatient, normal)))
-    if all(ds.get("InstanceNumber") is not None for ds in datasets):
-        return sorted(datasets, key=lambda ds: int(ds.InstanceNumber))
-    return datasets
+    try:
+        if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for ds in datasets):
+            orientation = np.asarray(datasets[0].ImageOrientationPatient, dtype=np.float64)
+            normal = np.cross(orientation[:3], orientation[3:6])
+            keys = [float(np.dot(ds.ImagePositionPatient, normal)) for ds in datasets]
+        elif all(ds.get("InstanceNumber") is not None for ds in datasets):
+            keys = [float(ds.InstanceNumber) for ds in datasets]
+        else:
+            return datasets
+    except (TypeError, ValueError) as e:  # wrong value counts, non-numeric strings
+        raise InputError(modality, f"DICOM slice position or number is not valid ({e})") from None
+    if not np.isfinite(keys).all():
+        raise InputError(modality, "DICOM slice positions are not finite numbers")
+    order = np.argsort(keys, kind="stable")  # stable: as sorted() ordered ties before
+    return [datasets[i] for i in order]
 
 
 # --- writing ---

@@ -19,16 +19,18 @@ def read_image(data: bytes, modality: str, channels: int) -> np.ndarray:
     Only the first frame of a multi-page file is read."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InputError(modality, f"image input must be bytes, got {type(data).__name__}")
+    # Pillow's plugins raise assorted exception types on corrupt input (OSError, ValueError,
+    # SyntaxError, EOFError, ...): for untrusted bytes every one of them means a bad image.
     try:
         im = Image.open(BytesIO(bytes(data)), formats=FORMATS)  # reads the header only
-    except (OSError, Image.DecompressionBombError) as e:
+    except Exception as e:
         raise InputError(modality, f"not a readable PNG/JPEG/TIFF image ({e})") from None
     with im:
         if max(im.size) > MAX_SIDE:
             raise InputError(modality, f"image is {im.size[0]}x{im.size[1]}, over {MAX_SIDE}")
         try:
             array = _pixels(im, channels)
-        except (OSError, ValueError) as e:
+        except Exception as e:
             raise InputError(modality, f"image data is corrupt ({e})") from None
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 

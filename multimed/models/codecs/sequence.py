@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 from multimed.models.errors import InputError
 
 _SHOWN = 5  # how many bad letters an error names
+# Raw text allowed per letter of max_length, plus a FASTA header. Line wrapping and spacing add
+# at most one character per letter (FASTA wraps every 60, GenBank-style groups every 10), and a
+# FASTA header (UniProt, NCBI) rarely passes a few hundred characters.
+_RAW_PER_LETTER = 2
+_MAX_HEADER_CHARS = 10_000
 
 
 def parse_sequence(
@@ -13,10 +20,15 @@ def parse_sequence(
     """Raw or single-record FASTA text -> upper-case sequence over `alphabet`.
 
     Whitespace and line wrapping are ignored; lower case is accepted. Positions in errors are
-    1-based in the sequence (header and whitespace not counted).
+    1-based in the sequence (header and whitespace not counted). Text too long for `max_length`
+    is refused before it is split or scanned.
     """
     if not isinstance(text, str):
         raise InputError(modality, f"sequence must be text, got {type(text).__name__}")
+    if max_length is not None and len(text) > _RAW_PER_LETTER * max_length + _MAX_HEADER_CHARS:
+        raise InputError(
+            modality, f"sequence text has {len(text)} characters; maximum length is {max_length}"
+        )
     lines = text.strip().splitlines()
     headers = sum(line.lstrip().startswith(">") for line in lines)
     if headers > 1:
@@ -28,16 +40,17 @@ def parse_sequence(
     sequence = "".join("".join(lines).split()).upper()
     if not sequence:
         raise InputError(modality, "sequence is empty")
-    allowed = set(alphabet)
-    bad = [(i, c) for i, c in enumerate(sequence, 1) if c not in allowed]
-    if bad:
-        shown = ", ".join(f"{c!r} at {i}" for i, c in bad[:_SHOWN])
-        more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
-        raise InputError(modality, f"letters outside alphabet {alphabet}: {shown}{more}")
-    if len(sequence) < min_length:
-        raise InputError(modality, f"sequence length {len(sequence)} < minimum {min_length}")
     if max_length is not None and len(sequence) > max_length:
         raise InputError(modality, f"sequence length {len(sequence)} > maximum {max_length}")
+    allowed = set(alphabet)
+    outside = ((i, c) for i, c in enumerate(sequence, 1) if c not in allowed)
+    bad = list(itertools.islice(outside, _SHOWN))  # the rest are counted, never listed
+    if bad:
+        more = sum(1 for _ in outside)
+        shown = ", ".join(f"{c!r} at {i}" for i, c in bad) + (f" and {more} more" if more else "")
+        raise InputError(modality, f"letters outside alphabet {alphabet}: {shown}")
+    if len(sequence) < min_length:
+        raise InputError(modality, f"sequence length {len(sequence)} < minimum {min_length}")
     return sequence
 
 

@@ -89,7 +89,16 @@ class ModalityPipeline(ABC):
         if raw.form not in self.spec.forms:
             forms = ", ".join(sorted(self.spec.forms))
             raise self.error(f"input form {raw.form!s} is not accepted (accepted: {forms})")
-        return self.preprocess(self.decode(raw))
+        try:
+            batch = self.preprocess(self.decode(raw))
+        except (RecursionError, MemoryError) as e:  # a codec choked on this input's structure
+            raise self.error(f"input could not be decoded ({type(e).__name__})") from None
+        # The one check behind every decoder: a NaN or Inf here (a file's scaling attribute, a
+        # float32 overflow) would otherwise come back as a confident-looking NaN answer.
+        for key, tensor in batch.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise self.error(f"{key!r} contains NaN or Inf after decoding the input")
+        return batch
 
     @abstractmethod
     def decode(self, raw: RawInput) -> Any:

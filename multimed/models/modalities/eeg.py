@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from multimed.models.catalog import InputForm
-from multimed.models.codecs.edf import read_edf, resample
+from multimed.models.codecs.edf import MAX_RESAMPLE_FACTOR, read_edf, resample
 from multimed.models.codecs.types import EEGRecord
 from multimed.models.config import Frozen
 from multimed.models.inputs import RawInput
@@ -79,7 +79,7 @@ class EEGPipeline(ModalityPipeline):
     def decode(self, raw: RawInput) -> EEGRecord:
         s = self.settings
         if raw.form == InputForm.EDF:
-            record = read_edf(raw.data, self.modality)
+            record = read_edf(raw.data, self.modality, s.max_duration_s)
         else:  # TENSOR: already in the encoder's channel order and sample rate
             data = as_float_array(self, raw.data, ndim=(2,))
             if data.shape[0] != len(s.channels):
@@ -93,6 +93,12 @@ class EEGPipeline(ModalityPipeline):
         duration_s = record.data.shape[1] / record.sample_rate_hz
         if duration_s > s.max_duration_s:
             raise self.error(f"recording lasts {duration_s:.1f} s > maximum {s.max_duration_s} s")
+        fold = record.sample_rate_hz / s.sample_rate_hz
+        if not 1 / MAX_RESAMPLE_FACTOR <= fold <= MAX_RESAMPLE_FACTOR:  # see `resample`
+            raise self.error(
+                f"sample rate {record.sample_rate_hz:g} Hz is over {MAX_RESAMPLE_FACTOR}-fold "
+                f"from the encoder's {s.sample_rate_hz:g} Hz"
+            )
         return record
 
     def preprocess(self, decoded: EEGRecord) -> Batch:
@@ -111,6 +117,8 @@ class EEGPipeline(ModalityPipeline):
         data = data[:, start : start + window]
         # One scale for the whole recording: per-channel scaling would erase the relative
         # channel power that motor imagery shows (mu desynchronisation over C3 / C4 / Cz).
+        # Statistics in float64: float32 sums of large but finite values overflow to Inf.
+        data = data.astype(np.float64)
         data = data - data.mean(axis=1, keepdims=True)
         std = float(data.std())
         data = data / (std if std > 1e-6 else 1.0)

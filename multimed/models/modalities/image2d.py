@@ -86,7 +86,7 @@ class Image2DPipeline(ModalityPipeline):
         ds = load_dicom(data, self.modality)
         if int(ds.get("NumberOfFrames") or 1) > 1:
             raise self.error(f"multi-frame DICOM ({ds.NumberOfFrames} frames) is not a 2-D image")
-        display = to_display(ds, pixel_values(ds, self.modality))
+        display = to_display(ds, pixel_values(ds, self.modality), self.modality)
         if is_rgb(ds):
             image = display.transpose(2, 0, 1) if self.channels == 3 else (display @ _LUMA)[None]
         else:  # grayscale for an RGB modality is replicated, as Pillow's convert("RGB") does

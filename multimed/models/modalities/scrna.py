@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from numbers import Real
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from multimed.models.modalities.base import (
 )
 
 _SHOWN = 5  # how many unknown genes an error names
+# Entries a gene -> count map may hold: a whole transcriptome is ~60,000 genes (GENCODE), so a
+# larger map is no cell's profile. The encoder reads its panel (765 PBMC genes by default).
+MAX_GENES = 100_000
 
 
 class ScrnaSettings(Frozen):
@@ -72,14 +76,26 @@ class ScrnaPipeline(ModalityPipeline):
             raise self.error("all counts for the encoder's genes are zero")
         return GeneCounts(counts, unknown)
 
-    def _align(self, data: Mapping[str, float]) -> tuple[np.ndarray, tuple[str, ...]]:
-        """Gene -> count map -> counts in the encoder's gene order, plus the unknown genes."""
+    def _align(self, data: object) -> tuple[np.ndarray, tuple[str, ...]]:
+        """Gene -> count map -> counts in the encoder's gene order, plus the unknown genes. The
+        map arrives as decoded JSON, so anything may be in it: its shape is checked first."""
         if not isinstance(data, Mapping) or not data:
-            raise self.error("gene counts must be a non-empty gene -> count map")
-        values = np.asarray(list(data.values()))
-        if values.dtype.kind not in "fiu":  # rejects strings, None and booleans
+            raise self.error(
+                f"gene counts must be a non-empty {{gene: count}} map, got {type(data).__name__}"
+            )
+        if len(data) > MAX_GENES:
+            raise self.error(f"gene count map has {len(data)} entries, over the {MAX_GENES} limit")
+        if not all(isinstance(gene, str) for gene in data):
+            raise self.error("gene names must be strings")
+        # bool is an int subclass, and JSON true is no count.
+        if not all(isinstance(v, Real) and not isinstance(v, bool) for v in data.values()):
             raise self.error("gene counts must be numbers")
-        values = values.astype(np.float32)
+        try:
+            values = np.array(list(data.values()), dtype=np.float64)
+        except OverflowError:  # an int too large for a float
+            raise self.error("gene counts must be finite numbers") from None
+        with np.errstate(over="ignore"):  # past float32's range -> Inf, refused just below
+            values = values.astype(np.float32)
         check_finite(self, values, "gene counts")
         self._non_negative(values)
         unknown = sorted(g for g in data if g not in self._gene_index)

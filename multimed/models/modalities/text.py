@@ -25,6 +25,9 @@ from multimed.models.modalities.base import (
 
 # C0 control characters other than tab, newline and carriage return: never in real notes.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Raw input allowed per character of max_chars, refused before it is copied or scanned: UTF-8
+# takes up to 4 bytes a character, and surrounding whitespace (stripped) may double a note.
+_RAW_FACTOR = 8
 
 
 class TextSettings(Frozen):
@@ -88,6 +91,10 @@ class TextPipeline(ModalityPipeline):
 
     def decode(self, raw: RawInput) -> str:
         text = raw.data
+        max_chars = self.settings.max_chars
+        if isinstance(text, str | bytes) and len(text) > _RAW_FACTOR * max_chars:
+            unit = "bytes" if isinstance(text, bytes) else "characters"
+            raise self.error(f"text input is {len(text)} {unit}; maximum {max_chars} characters")
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")
@@ -104,8 +111,8 @@ class TextPipeline(ModalityPipeline):
         text = text.strip()
         if not text:
             raise self.error("text is empty")
-        if len(text) > self.settings.max_chars:
-            raise self.error(f"text has {len(text)} characters > maximum {self.settings.max_chars}")
+        if len(text) > max_chars:
+            raise self.error(f"text has {len(text)} characters > maximum {max_chars}")
         return text
 
     def preprocess(self, decoded: str) -> Batch:

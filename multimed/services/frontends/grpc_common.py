@@ -3,19 +3,54 @@ plane, and the answer (request id in metadata; a status other than OK aborts the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
+from multimed.models.catalog import TaskSpec
 from multimed.services.dataplane import CallInfo, DataPlane, Outcome
 from multimed.services.errors import Status
 from multimed.services.triton import EncoderSignature
 
+T = TypeVar("T")
+
 REQUEST_ID = "x-request-id"
-# The name of the token a call presented; set by the listener's token check around the handler.
+# Set by the guard around each handler: the name of the token the call presented, and the size
+# of the request body being handled (a streamed request's, for each item).
 TOKEN_NAME: ContextVar[str] = ContextVar("token_name", default="")
+REQUEST_BYTES: ContextVar[int] = ContextVar("request_bytes", default=0)
+# Converting a request larger than this runs in a thread: a 1.5 M-entry gene map takes seconds
+# of Python, and the event loop must keep answering health checks meanwhile.
+OFFLOAD_BYTES = 256 * 1024
+
+
+async def offload(function: Callable[..., T], *args) -> T:
+    """`function(*args)`, in a worker thread when the request being handled is large."""
+    if REQUEST_BYTES.get() > OFFLOAD_BYTES:
+        return await asyncio.to_thread(function, *args)
+    return function(*args)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether the replica serves, and which encoders have a live replica."""
+
+    serving: bool
+    live: frozenset[str]
+
+    def task_ready(self, task: TaskSpec) -> bool:
+        return (
+            self.serving
+            and all(m in self.live for m in task.all_of)
+            and (not task.any_of or any(m in self.live for m in task.any_of))
+        )
+
+
+NOT_READY = Readiness(False, frozenset())
 
 
 @dataclass
@@ -26,14 +61,14 @@ class Door:
     signatures: dict[str, EncoderSignature]  # each modality's encoder signature
     services: list[str] = field(default_factory=list)  # full names, for health and reflection
     open_methods: list[str] = field(default_factory=list)  # method paths that need no token
-    hooks: list[Callable[[bool], None]] = field(default_factory=list)
+    hooks: list[Callable[[Readiness], None]] = field(default_factory=list)
 
     def add_service(self, full_name: str, open_methods: tuple[str, ...] = ()) -> None:
         self.services.append(full_name)
         self.open_methods.extend(f"/{full_name}/{m}" for m in open_methods)
 
-    def on_serving(self, hook: Callable[[bool], None]) -> None:
-        """`hook(serving)` runs whenever the listener's health changes (readiness probes)."""
+    def on_readiness(self, hook: Callable[[Readiness], None]) -> None:
+        """`hook(readiness)` runs whenever the listener's health changes (readiness probes)."""
         self.hooks.append(hook)
 
 

@@ -1,20 +1,28 @@
-"""The gRPC listener: one port for every front door, with grpc.health.v1 and reflection. It owns
-transport security (TLS, or mTLS with a client CA; certificates are read again when their files
-change, at the next handshake) and token auth. Front doors are registered in FRONT_DOORS."""
+"""The gRPC listener: one port for every front door, with grpc.health.v1 and (optionally)
+reflection. It owns transport security (TLS, or mTLS with a client CA; certificates are read again
+when their files change, at the next handshake), the guard (token auth, parsing, errors; see
+`guard.py`) and the transport's limits: RPCs and connections at once. Front doors are registered
+in FRONT_DOORS.
+
+Health names: "" and each protocol's service are SERVING while the replica serves; `task/<id>`
+is SERVING while every encoder the task needs has a live replica, `encoder/<modality>` while
+that encoder has one."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from multimed.models.catalog import CATALOG
 from multimed.services.config import GatewaySettings, TLSSettings
-from multimed.services.frontends.auth import TokenAuth, Tokens
-from multimed.services.frontends.grpc_common import Door
+from multimed.services.frontends.auth import Tokens
+from multimed.services.frontends.grpc_common import NOT_READY, Door, Readiness
+from multimed.services.frontends.guard import Guard
 from multimed.services.frontends.multimed_v1 import servicer as multimed_v1
 from multimed.services.frontends.oip import servicer as oip
 
@@ -22,8 +30,16 @@ log = logging.getLogger("multimed.listener")
 
 # One line per protocol: each `register(server, door)` adds its servicer and names its service.
 FRONT_DOORS = (multimed_v1.register, oip.register)
-# Probes answer without a token.
-OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Probes answer without a token (reflection needs one when tokens are on).
+OPEN_PREFIXES = ("/grpc.health.v1.",)
+
+
+def task_health(task: str) -> str:
+    return f"task/{task}"
+
+
+def encoder_health(modality: str) -> str:
+    return f"encoder/{modality}"
 
 
 class CertificateFiles:
@@ -69,47 +85,70 @@ class Listener:
     port: int
     health: health.aio.HealthServicer
     door: Door
+    readiness: Readiness = NOT_READY
+    _set: set[str] = field(default_factory=set)  # health names given a status so far
 
-    async def set_serving(self, serving: bool) -> None:
-        """Health (overall and every service) and each protocol's readiness, together."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", *self.door.services):
-            await self.health.set(name, status)
+    async def set_readiness(self, readiness: Readiness) -> None:
+        """Health (overall, every service, every task and encoder) and each protocol's
+        readiness, together; only changed names are sent to watchers."""
+        before = self._statuses(self.readiness)
+        self.readiness = readiness
+        for name, status in self._statuses(readiness).items():
+            if before.get(name) != status or name not in self._set:
+                await self.health.set(name, status)
+                self._set.add(name)
         for hook in self.door.hooks:
-            hook(serving)
+            hook(readiness)
+
+    def _statuses(self, readiness: Readiness) -> dict[str, int]:
+        def status(up: bool) -> int:
+            return (
+                health_pb2.HealthCheckResponse.SERVING
+                if up
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+
+        out = {name: status(readiness.serving) for name in ("", *self.door.services)}
+        for task in CATALOG.tasks.values():
+            out[task_health(task.id)] = status(readiness.task_ready(task))
+        for m in CATALOG.modalities:
+            out[encoder_health(m)] = status(readiness.serving and m in readiness.live)
+        return out
 
     async def stop(self, grace_s: float | None = None) -> None:
-        await self.set_serving(False)
+        """NOT_SERVING everywhere first (load balancers stop sending), then calls in flight
+        get `grace_s` to finish."""
+        await self.set_readiness(NOT_READY)
         await self.server.stop(grace_s)
 
 
 async def start_listener(door: Door) -> Listener:
     """Serve every front door on the data plane settings' address; not serving until
-    set_serving(True)."""
+    set_readiness says so."""
     settings: GatewaySettings = door.plane.settings
     limit = int(settings.max_message_mb * 1024 * 1024)
     options = [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
         # Router replicas on one node share the port; the kernel spreads connections.
         ("grpc.so_reuseport", 1),
     ]
     tokens = Tokens(settings.token_file)
-    auth = TokenAuth(tokens, OPEN_PREFIXES) if tokens.enabled else None
-    server = grpc.aio.server(interceptors=[auth] if auth else None, options=options)
+    guard = Guard(tokens if tokens.enabled else None, OPEN_PREFIXES)
+    # Past max_rpcs, gRPC answers RESOURCE_EXHAUSTED itself, before any handler runs.
+    server = grpc.aio.server(
+        interceptors=[guard], options=options, maximum_concurrent_rpcs=settings.max_rpcs
+    )
     for register in FRONT_DOORS:
         register(server, door)
-    if auth is not None:  # the doors have named their probes now
-        auth.open_methods = (*OPEN_PREFIXES, *door.open_methods)
+    guard.open_methods = (*OPEN_PREFIXES, *door.open_methods)  # the doors named their probes
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*door.services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (*door.services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     address = f"{settings.host}:{settings.port}"
     if settings.tls is None:
         port = server.add_insecure_port(address)
@@ -117,5 +156,5 @@ async def start_listener(door: Door) -> Listener:
         port = server.add_secure_port(address, CertificateFiles(settings.tls).credentials())
     await server.start()
     listener = Listener(server, port, health_servicer, door)
-    await listener.set_serving(False)
+    await listener.set_readiness(NOT_READY)
     return listener

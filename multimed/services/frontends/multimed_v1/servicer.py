@@ -10,8 +10,11 @@ from dataclasses import replace
 
 import grpc
 
+from multimed.models.catalog import CATALOG
 from multimed.services.dataplane import CallInfo, DataPlane, Outcome
-from multimed.services.frontends.grpc_common import Door, answer, call_info
+from multimed.services.errors import Status
+from multimed.services.frontends.grpc_common import Door, answer, call_info, offload
+from multimed.services.frontends.guard import Unparseable
 from multimed.services.frontends.multimed_v1.convert import (
     catalog_to_wire,
     embedding_to_wire,
@@ -33,7 +36,8 @@ class MultiMedService(pb_grpc.MultiMedServicer):
 
     async def _predict(self, request: pb.PredictRequest, request_id: str, deadline: float):
         started = time.perf_counter()
-        result = await self.plane.predict(request_from_wire(request, request_id, deadline))
+        call = await offload(request_from_wire, request, request_id, deadline)
+        result = await self.plane.predict(call)
         return response_to_wire(result, (time.perf_counter() - started) * 1000)
 
     def _run(self, call: CallInfo, request: pb.PredictRequest) -> Awaitable[Outcome]:
@@ -50,21 +54,28 @@ class MultiMedService(pb_grpc.MultiMedServicer):
 
     async def PredictStream(self, request_iterator, context):
         """Requests run concurrently (at most `stream_concurrency` per stream); each response
-        goes out when ready, matched by request_id; a failed request answers with its error."""
-        done: asyncio.Queue = asyncio.Queue()
+        goes out when ready, matched by request_id; a failed request, or one that does not
+        parse, answers with its error and the stream goes on. Answers wait in a buffer of
+        `stream_concurrency`: a client that stops reading stops the stream's work, not the
+        server's memory. A stream lives at most `max_stream_s`."""
         stream = call_info(self.plane, context, "PredictStream")
         slots = asyncio.Semaphore(self.stream_concurrency)
+        done: asyncio.Queue = asyncio.Queue(self.stream_concurrency)
 
-        async def one(request: pb.PredictRequest):
-            call = replace(stream, request_id=self.plane.request_id(request.request_id))
+        async def one(request: pb.PredictRequest | Unparseable):
             try:
+                if isinstance(request, Unparseable):
+                    await done.put(
+                        _error_response("", "", Status.INVALID_ARGUMENT, request.message)
+                    )
+                    return
+                call = replace(stream, request_id=self.plane.request_id(request.request_id))
                 outcome = await self._run(call, request)
                 response = outcome.result
                 if response is None:
-                    response = pb.PredictResponse(
-                        request_id=call.request_id,
-                        task=request.task,
-                        error=pb.Error(code=outcome.status.grpc_code, message=outcome.message),
+                    task = request.task if request.task in CATALOG.tasks else ""  # never echo junk
+                    response = _error_response(
+                        call.request_id, task, outcome.status, outcome.message
                     )
                 await done.put(response)
             finally:
@@ -81,9 +92,15 @@ class MultiMedService(pb_grpc.MultiMedServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while (response := await done.get()) is not None:
-                yield response
-            await reader  # surfaces a broken request stream as this call's error
+            async with asyncio.timeout(self.plane.settings.max_stream_s):
+                while (response := await done.get()) is not None:
+                    yield response
+                await reader  # surfaces a broken request stream as this call's error
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"stream open over {self.plane.settings.max_stream_s:g} s; open a new one",
+            )
         finally:
             reader.cancel()
 
@@ -91,7 +108,7 @@ class MultiMedService(pb_grpc.MultiMedServicer):
         call = call_info(self.plane, context, "Embed", request.request_id)
 
         async def work(deadline: float):
-            raw = input_from_wire(request.input)
+            raw = await offload(input_from_wire, request.input)
             (e,) = await self.plane.embed([raw], deadline)
             if isinstance(e, Exception):
                 raise e
@@ -105,6 +122,12 @@ class MultiMedService(pb_grpc.MultiMedServicer):
 
     async def GetModelInfo(self, request, context):
         return model_info_to_wire(self.plane.manifest)
+
+
+def _error_response(request_id: str, task: str, status: Status, message: str):
+    return pb.PredictResponse(
+        request_id=request_id, task=task, error=pb.Error(code=status.grpc_code, message=message)
+    )
 
 
 def register(server: grpc.aio.Server, door: Door) -> MultiMedService:

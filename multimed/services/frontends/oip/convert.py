@@ -5,19 +5,24 @@ builds the ModelInferResponse from output arrays."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as oip
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
+from tritonclient.utils import serialize_byte_tensor, triton_to_np_dtype
 
 from multimed.models.catalog import InputForm
-from multimed.models.errors import InputError, MissingModality
+from multimed.models.errors import InputError, MissingModality, shown
 from multimed.models.inputs import RawInput
 from multimed.services.errors import ProtocolError
 from multimed.services.frontends.oip.models import VERSION, ModelSpec
 from multimed.services.triton import TensorInfo
+
+# BYTES elements in one input: a full batch of the longest DICOM series a request may carry
+# (each element is decoded in Python, so the count bounds the work before it starts).
+MAX_BYTES_ELEMENTS = 65536
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,7 @@ def _requested(model: ModelSpec, request: oip.ModelInferRequest) -> list[TensorI
     unknown = asked - names
     if unknown:
         raise ProtocolError(
-            f"model {model.name!r} has no output {sorted(unknown)[0]!r}; outputs: "
+            f"model {model.name!r} has no output {shown(sorted(unknown)[0])}; outputs: "
             + ", ".join(sorted(names))
         )
     return [o for o in model.outputs if not asked or o.name in asked]
@@ -139,18 +144,16 @@ def read_input(
         raise ProtocolError(
             f"input {name!r} has batch size {shape[0]}; this model takes 1..{max_batch_size}"
         )
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # Python ints: a crafted shape cannot overflow
     if info.datatype == "BYTES":
+        if count > MAX_BYTES_ELEMENTS:
+            raise ProtocolError(
+                f"input {name!r} has {count} BYTES elements; at most {MAX_BYTES_ELEMENTS}"
+            )
         if raw is None:
             items = list(tensor.contents.bytes_contents)
         else:
-            try:
-                items = list(deserialize_bytes_tensor(raw))
-            except struct.error:
-                raise ProtocolError(
-                    f"input {name!r}: malformed BYTES data (each element: a 4-byte "
-                    "little-endian length, then that many bytes)"
-                ) from None
+            items = bytes_elements(raw, count, name)
         if len(items) != count:
             raise ProtocolError(
                 f"input {name!r} of shape {list(shape)} needs {count} BYTES elements, "
@@ -176,6 +179,28 @@ def read_input(
     return array.reshape(shape)
 
 
+def bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
+    """A raw BYTES tensor (each element: a 4-byte little-endian length, then that many bytes) ->
+    its `count` elements. Reads no further than `count`, so a body of millions of empty elements
+    costs nothing more than a body of `count`."""
+    items, offset, size = [], 0, len(raw)
+    while offset < size and len(items) < count:
+        if offset + 4 > size:
+            break
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > size:
+            break
+        items.append(raw[offset : offset + length])
+        offset += length
+    if len(items) != count or offset != size:
+        raise ProtocolError(
+            f"input {name!r} needs {count} BYTES elements (each: a 4-byte little-endian length, "
+            f"then that many bytes) filling its {size} bytes exactly"
+        )
+    return items
+
+
 def item_input(info: TensorInfo, value: np.ndarray | bytes) -> RawInput:
     """One batch item of one input -> the internal input it carries."""
     if info.form is None:
@@ -191,6 +216,8 @@ def item_input(info: TensorInfo, value: np.ndarray | bytes) -> RawInput:
             data = json.loads(data)
     except ValueError as e:  # bad UTF-8 or JSON
         raise InputError(info.modality, f"input {info.name!r} is not valid: {e}") from None
+    except RecursionError:  # JSON nested deeper than the parser's stack
+        raise InputError(info.modality, f"input {info.name!r} is nested too deeply") from None
     return RawInput(info.modality, info.form, data)
 
 

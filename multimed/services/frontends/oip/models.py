@@ -13,6 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as oip
 
 from multimed.models.catalog import CATALOG, InputForm, TaskSpec
+from multimed.models.errors import shown
 from multimed.models.outputs import output_of
 from multimed.services.errors import ModelNotFound, ProtocolError
 from multimed.services.triton import EncoderSignature, TensorInfo, encoder_model, model_config
@@ -43,7 +44,7 @@ class ModelSpec:
             if t.name == name:
                 return t
         known = ", ".join(t.name for t in self.inputs)
-        raise ProtocolError(f"model {self.name!r} has no input {name!r}; inputs: {known}")
+        raise ProtocolError(f"model {self.name!r} has no input {shown(name)}; inputs: {known}")
 
     def alternatives(self, modality: str) -> str:
         return " or ".join(repr(t.name) for t in self.inputs if t.modality == modality)
@@ -78,9 +79,9 @@ class Models:
     def get(self, name: str, version: str = "") -> ModelSpec:
         model = self.by_name.get(name)
         if model is None:
-            raise ModelNotFound(f"unknown model {name!r}; models: {', '.join(self.by_name)}")
+            raise ModelNotFound(f"unknown model {shown(name)}; models: {', '.join(self.by_name)}")
         if version not in ("", VERSION):
-            raise ModelNotFound(f"model {name!r} has no version {version!r} (versions: 1)")
+            raise ModelNotFound(f"model {name!r} has no version {shown(version)} (versions: 1)")
         return model
 
     def metadata(self, model: ModelSpec) -> oip.ModelMetadataResponse:

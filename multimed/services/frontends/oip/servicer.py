@@ -17,7 +17,14 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from multimed.models.outputs import output_of
 from multimed.services.dataplane import DataPlane
 from multimed.services.errors import Status, to_status
-from multimed.services.frontends.grpc_common import Door, answer, call_info, status_code
+from multimed.services.frontends.grpc_common import (
+    NOT_READY,
+    Door,
+    answer,
+    call_info,
+    offload,
+    status_code,
+)
 from multimed.services.frontends.oip.convert import (
     Decoded,
     pad_stack,
@@ -42,7 +49,17 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         self.plane = plane
         self.models = models
         self.stats = {name: ModelStats() for name in models}
-        self.ready = False
+        self.readiness = NOT_READY
+
+    def model_ready(self, name: str) -> bool:
+        """A task model while the encoders it needs have live replicas; an encoder model while
+        its encoder has one."""
+        model = self.models.by_name.get(name)
+        if model is None:
+            return False
+        if model.task is not None:
+            return self.readiness.task_ready(model.task)
+        return self.readiness.serving and model.modalities[0] in self.readiness.live
 
     async def _answer(self, context, work):
         """Metadata calls: the same error table, no request metrics."""
@@ -58,11 +75,11 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return oip.ServerReadyResponse(ready=self.ready)
+        return oip.ServerReadyResponse(ready=self.readiness.serving)
 
     async def ModelReady(self, request, context):
-        known = request.name in self.models and request.version in ("", VERSION)
-        return oip.ModelReadyResponse(ready=self.ready and known)
+        known = request.version in ("", VERSION)
+        return oip.ModelReadyResponse(ready=known and self.model_ready(request.name))
 
     async def ServerMetadata(self, request, context):
         return oip.ServerMetadataResponse(
@@ -96,12 +113,12 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         return await self._answer(context, work)
 
     async def RepositoryIndex(self, request, context):
-        state = "READY" if self.ready else "UNAVAILABLE"
+        states = {n: "READY" if self.model_ready(n) else "UNAVAILABLE" for n in self.models}
         return oip.RepositoryIndexResponse(
             models=[
                 oip.RepositoryIndexResponse.ModelIndex(name=n, version=VERSION, state=state)
-                for n in self.models
-                if not request.ready or self.ready
+                for n, state in states.items()
+                if not request.ready or state == "READY"
             ]
         )
 
@@ -115,7 +132,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         async def work(deadline: float):
             nonlocal items
             model = self.models.get(request.model_name, request.model_version)
-            decoded = request_from_wire(model, request, self.models.max_batch_size)
+            decoded = await offload(request_from_wire, model, request, self.models.max_batch_size)
             modalities.update(decoded.carriers)
             items = len(decoded.items)
             decoded_at = time.perf_counter_ns()
@@ -133,7 +150,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             return response
 
         try:
-            outcome = self.plane.run(call, request.model_name, modalities, work)
+            outcome = self.plane.run(call, request.model_name, modalities, work, _items(request))
             return await answer(context, call, outcome)
         finally:
             stats = self.stats.get(request.model_name)
@@ -174,6 +191,13 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         return arrays
 
 
+def _items(request: oip.ModelInferRequest) -> int:
+    """The batch size the request declares (its first input's first dimension), so that
+    admission counts a 64-item request as 64 before decoding any of it."""
+    shape = request.inputs[0].shape if request.inputs else ()
+    return max(1, min(shape[0], 1 << 20)) if shape else 1
+
+
 def _unimplemented(name: str, streaming: bool):
     message = f"{name} is not supported by MultiMed Serve; supported: " + ", ".join(
         m for m in SERVICE.methods_by_name if m in InferenceService.__dict__
@@ -207,5 +231,5 @@ def register(server: grpc.aio.Server, door: Door) -> InferenceService:
     service = InferenceService(door.plane, models)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     door.add_service(SERVICE.full_name, PROBES)
-    door.on_serving(lambda serving: setattr(service, "ready", serving))
+    door.on_readiness(lambda readiness: setattr(service, "readiness", readiness))
     return service

@@ -1,0 +1,73 @@
+"""A run's numbers, per task and overall, and their table."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Latencies are of the answered (OK) requests; an error is counted by its status code."""
+
+    requests: int
+    ok: int
+    errors_by_code: dict[str, int]
+    throughput_rps: float  # OK answers per second
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+
+    @classmethod
+    def of(cls, latencies: list[float], errors: Counter[str], seconds: float) -> Stats:
+        marks = np.percentile(latencies, [50, 90, 99, 100]) if latencies else [None] * 4
+        p50, p90, p99, most = (None if m is None else round(float(m), 3) for m in marks)
+        return cls(
+            requests=len(latencies) + errors.total(),
+            ok=len(latencies),
+            errors_by_code=dict(sorted(errors.items())),
+            throughput_rps=round(len(latencies) / seconds, 3) if seconds > 0 else 0.0,
+            p50_ms=p50,
+            p90_ms=p90,
+            p99_ms=p99,
+            max_ms=most,
+        )
+
+
+@dataclass(frozen=True)
+class Result:
+    api: str
+    load: dict[str, object]  # the mode and its settings: concurrency, or rate and arrivals
+    duration_s: float  # first send to last answer
+    stopped_by: str  # "duration", "max_requests" or "inputs"
+    warmup_requests: int
+    overall: Stats
+    tasks: dict[str, Stats]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_table(result: Result) -> str:
+    load = ", ".join(f"{k} {v}" for k, v in result.load.items())
+    lines = [
+        f"{result.api}: {load}; {result.duration_s:.1f} s, stopped by {result.stopped_by}"
+        f" ({result.warmup_requests} warm-up requests not counted)",
+        f"{'task':38s} {'requests':>8s} {'ok':>7s} {'ok/s':>8s} {'p50 ms':>8s} {'p90 ms':>8s} "
+        f"{'p99 ms':>8s} {'max ms':>8s}  errors",
+    ]
+    rows = {**result.tasks, "all": result.overall} if len(result.tasks) > 1 else result.tasks
+    for name, s in rows.items():
+        errors = ", ".join(f"{code} {n}" for code, n in s.errors_by_code.items()) or "-"
+        lines.append(
+            f"{name:38s} {s.requests:8d} {s.ok:7d} {s.throughput_rps:8.1f} {_ms(s.p50_ms):>8s} "
+            f"{_ms(s.p90_ms):>8s} {_ms(s.p99_ms):>8s} {_ms(s.max_ms):>8s}  {errors}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Every method of the listener runs inside the guard: the token is checked before the body is
+even parsed; the body is parsed here (large ones off the event loop, so health answers while a
+64 MB request is read); a body that does not parse is INVALID_ARGUMENT; and any exception a
+handler lets out is mapped through the status table, never grpc.aio's UNKNOWN."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from multimed.services.errors import Status, to_status
+from multimed.services.frontends.auth import Tokens
+from multimed.services.frontends.grpc_common import REQUEST_BYTES, TOKEN_NAME, status_code
+
+log = logging.getLogger("multimed.listener")
+
+# Bodies up to this size are parsed on the event loop: a thread hop costs more than the parse.
+INLINE_BYTES = 64 * 1024
+DENIED = "missing or wrong bearer token"
+
+
+@dataclass(frozen=True)
+class Unparseable:
+    """A streamed request that did not parse: the door answers it as that item's error and
+    reads on (unary calls are refused before the handler runs)."""
+
+    message: str
+
+
+async def parse(deserializer: Callable[[bytes], object] | None, data: bytes, what: str):
+    """Raises ValueError with a message for the caller (never quoting the body)."""
+    if deserializer is None:
+        return data
+    try:
+        if len(data) <= INLINE_BYTES:
+            return deserializer(data)
+        return await asyncio.to_thread(deserializer, data)
+    except Exception:  # protobuf's DecodeError, or its recursion limit on nested messages
+        raise ValueError(f"request body is not a valid {what} message") from None
+
+
+class Guard(grpc.aio.ServerInterceptor):
+    """Token check (unless `tokens` is None or the method is open), parsing, and the last word
+    on errors, for every handler on the listener."""
+
+    def __init__(self, tokens: Tokens | None, open_methods: tuple[str, ...]):
+        self.tokens = tokens
+        self.open_methods = open_methods
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
+            return handler
+        name = ""
+        if self.tokens is not None and not details.method.startswith(self.open_methods):
+            sent = dict(details.invocation_metadata or ()).get("authorization", "")
+            name = self.tokens.name_of(sent)
+            if name is None:
+                return _handler(handler, None, denied=True)
+        return _handler(handler, name, denied=False)
+
+
+def _message_name(handler) -> str:
+    deserializer = handler.request_deserializer
+    owner = getattr(deserializer, "__self__", None)  # FromString is bound to its message class
+    return getattr(owner, "__name__", "request")
+
+
+def _handler(handler, token_name: str | None, denied: bool):
+    """The same kind of handler, reading raw bytes, wrapped as the module docstring says."""
+    original = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    deserializer = handler.request_deserializer
+    what = _message_name(handler)
+
+    async def request_of(request, context):
+        """The parsed request (unary) or a parsing iterator (streaming); aborts when denied."""
+        if denied:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+        TOKEN_NAME.set(token_name or "")
+        if handler.request_streaming:
+            return _parsed_stream(request, deserializer, what)
+        REQUEST_BYTES.set(len(request))
+        try:
+            return await parse(deserializer, request, what)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def unary(request, context):
+        parsed = await request_of(request, context)
+        try:
+            return await original(parsed, context)
+        except Exception as error:
+            await _abort(context, error)
+
+    async def streaming(request, context):
+        parsed = await request_of(request, context)
+        try:
+            async for response in original(parsed, context):
+                yield response
+        except Exception as error:
+            await _abort(context, error)
+
+    kind = ("stream" if handler.request_streaming else "unary") + (
+        "_stream" if handler.response_streaming else "_unary"
+    )
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    behaviour = streaming if handler.response_streaming else unary
+    return make(behaviour, None, handler.response_serializer)
+
+
+async def _parsed_stream(
+    requests: AsyncIterator[bytes], deserializer, what: str
+) -> AsyncIterator[object]:
+    async for data in requests:
+        REQUEST_BYTES.set(len(data))
+        try:
+            yield await parse(deserializer, data, what)
+        except ValueError as e:
+            yield Unparseable(str(e))
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    """A handler's exception -> its status. An abort the handler made itself passes through."""
+    if isinstance(error, grpc.aio.AbortError):
+        raise error
+    status, message = to_status(error)
+    if status is Status.INTERNAL:
+        log.error("handler failed", exc_info=error)
+    await context.abort(status_code(status), message)

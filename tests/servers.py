@@ -1,0 +1,164 @@
+"""Real servers for the integration and system tiers: `multimed serve` in a subprocess (its own
+local Ray, the ten encoders, the router, the gateway) on loopback ports, stopped by pid with
+SIGINT as an operator's Ctrl-C would, and killed with its whole session if it hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from multimed.client import MultiMedClient
+from multimed.services.server import wait_serving
+
+TOKEN = "integration-secret"
+MAX_MESSAGE_MB = 4
+START_TIMEOUT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    metrics_url: str
+    bundle: Path
+    cohort: Path
+    process: subprocess.Popen
+    token: str = TOKEN
+    max_message_mb: float = MAX_MESSAGE_MB
+
+    def client(self) -> MultiMedClient:
+        return MultiMedClient(self.url, token=self.token)
+
+    @property
+    def patients(self) -> list[Path]:
+        """The synthetic cohort's patient folders, in order."""
+        return sorted(p for p in self.cohort.iterdir() if p.is_dir())
+
+
+def serve_config(path: Path, bundle: Path, encoders: dict | None = None) -> Path:
+    """deploy/serve_config.yaml for tests: X-ray at two replicas; `encoders`: backends."""
+    config = yaml.safe_load(Path("deploy/serve_config.yaml").read_text())
+    app = config["applications"][0]
+    app["args"]["bundle"] = str(bundle)
+    if encoders:
+        app["args"]["encoders"] = encoders
+    for d in app["deployments"]:
+        if d["name"] == "encoder-xray":
+            d["num_replicas"] = 2
+            d["user_config"] = {"max_batch_size": 8, "batch_wait_ms": 5, "torch_threads": 1}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _wait_serving(url: str, process: subprocess.Popen, log: Path) -> None:
+    try:
+        wait_serving(url, START_TIMEOUT_S, alive=lambda: process.poll() is None)
+    except (RuntimeError, TimeoutError) as e:
+        raise RuntimeError(f"{e}; its log:\n{log.read_text()[-3000:]}") from None
+
+
+def token_file(work: Path, tokens: dict[str, str]) -> Path:
+    """A token file (one 'NAME TOKEN' a line), readable by its owner only."""
+    path = work / "tokens"
+    path.write_text("".join(f"{name} {token}\n" for name, token in tokens.items()))
+    path.chmod(0o600)
+    return path
+
+
+@contextmanager
+def running_server(
+    work: Path,
+    config: Path,
+    token: str = TOKEN,
+    extra: tuple[str, ...] = (),
+    wait=None,
+):
+    """`multimed serve` with `config` in a subprocess on free loopback ports, the token from a
+    token file, until the block ends; `extra`: more `serve` arguments; `wait(url, process, log)`
+    instead of a plaintext health check. -> (grpc url, metrics url, process)."""
+    port, metrics_port = free_port(), free_port()
+    log = work / "serve.log"
+    tokens = token_file(work, {"integration": token})
+    command = [
+        sys.executable,
+        "-m",
+        "multimed.cli",
+        "-v",
+        "serve",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--token-file",
+        str(tokens),
+        "--max-message-mb",
+        str(MAX_MESSAGE_MB),
+        *extra,
+    ]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    url = f"127.0.0.1:{port}"
+    try:
+        (wait or _wait_serving)(url, process, log)
+        yield url, f"http://127.0.0.1:{metrics_port}/metrics", process
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its Ray
+            process.wait()
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """pid -> command line of every process in session `sid` (a server started with
+    start_new_session: the CLI, its Ray and every replica)."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            # Fields after the command's closing parenthesis: state ppid pgrp session ...
+            session = int(stat.rsplit(")", 1)[1].split()[3])
+            if session == sid:
+                out[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return out
+
+
+def rss_bytes(pids) -> int:
+    """Resident memory of these processes together (those that exited count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total

@@ -1,0 +1,93 @@
+"""Faults on the real server: an encoder replica SIGKILLed under load."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from load import SCRNA_TASK, XRAY_TASK, closed_loop, codes, requests
+from servers import session_processes
+
+XRAY_REPLICA = "ServeReplica:multimed:encoder-xray"
+
+
+def _xray_replicas(server) -> list[int]:
+    return sorted(
+        pid for pid, cmd in session_processes(server.process.pid).items() if XRAY_REPLICA in cmd
+    )
+
+
+def _health(url: str, service: str) -> int:
+    with grpc.insecure_channel(url) as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+
+
+async def _kill_under_load(server, victim: int):
+    xray = requests(XRAY_TASK, 600, seed=20)
+    scrna = requests(SCRNA_TASK, 300, seed=21)
+
+    async def kill():
+        await asyncio.sleep(2)
+        os.kill(victim, signal.SIGKILL)
+        return time.monotonic()
+
+    return await asyncio.gather(
+        closed_loop(server.url, server.token, xray, 8, 30, retries=True),
+        closed_loop(server.url, server.token, scrna, 2, 30, retries=True),
+        kill(),
+    )
+
+
+def test_encoder_replica_killed_under_load(system_server):
+    """With the SDK's default retries nothing is lost; tasks that do not need X-ray see no
+    stall; the replica is back within 30 s."""
+    server = system_server
+    replicas = _xray_replicas(server)
+    assert len(replicas) == 2, replicas
+    xray, scrna, killed_at = asyncio.run(_kill_under_load(server, replicas[0]))
+    print(
+        f"X-ray replica killed: X-ray {codes(xray)}, scRNA {codes(scrna)}; "
+        f"scRNA p99 {np.percentile([c.latency_ms for c in scrna], 99):.0f} ms"
+    )
+    assert codes(xray) == {"OK": len(xray)}
+    assert codes(scrna) == {"OK": len(scrna)}
+    assert max(c.latency_ms for c in scrna) < 2000
+    while len(_xray_replicas(server)) < 2 or replicas[0] in _xray_replicas(server):
+        assert time.monotonic() - killed_at < 30, "X-ray replica not replaced in 30 s"
+        time.sleep(0.5)
+    print(f"replica replaced after {time.monotonic() - killed_at:.1f} s")
+
+
+def test_health_follows_the_encoders(system_server):
+    """With every X-ray replica dead, X-ray tasks are NOT_SERVING and fail at once with
+    UNAVAILABLE; scRNA tasks stay SERVING; all come back."""
+    server = system_server
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    killed_at = time.monotonic()
+    for pid in _xray_replicas(server):
+        os.kill(pid, signal.SIGKILL)
+    seen_down = None
+    while time.monotonic() - killed_at < 30:
+        if _health(server.url, f"task/{XRAY_TASK}") == not_serving:
+            seen_down = time.monotonic() - killed_at
+            assert _health(server.url, f"task/{SCRNA_TASK}") == serving
+            assert _health(server.url, "") == serving
+            break
+        time.sleep(0.2)
+    assert seen_down is not None, "X-ray task never reported NOT_SERVING"
+    while _health(server.url, f"task/{XRAY_TASK}") != serving:
+        assert time.monotonic() - killed_at < 60, "X-ray task not SERVING again in 60 s"
+        time.sleep(0.5)
+    print(
+        f"X-ray tasks NOT_SERVING after {seen_down:.1f} s, SERVING again after "
+        f"{time.monotonic() - killed_at:.1f} s"
+    )
