@@ -44,7 +44,11 @@ def request_inputs(folder: Path, task: str, vqa_modality: str) -> dict[str, obje
 
 
 def scrape(server) -> str:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+    """/metrics, with the token (the server has tokens on, so a scrape needs one)."""
+    request = urllib.request.Request(
+        server.metrics_url, headers={"Authorization": f"Bearer {server.token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
         return r.read().decode()
 
 
@@ -328,9 +332,25 @@ def test_health_and_reflection(server):
         for service in ("", "multimed.v1.MultiMed"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert status.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:  # tokens are on: reflection needs one
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    bearer = (("authorization", f"Bearer {server.token}"),)
+    with grpc.intercept_channel(grpc.insecure_channel(server.url), _Metadata(bearer)) as channel:
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
         assert "multimed.v1.MultiMed" in services
         assert "grpc.health.v1.Health" in services
+
+
+class _Metadata(grpc.StreamStreamClientInterceptor):
+    """Adds metadata to every streaming call (reflection's one method streams)."""
+
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        details = details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+        return continuation(details, requests)
 
 
 def test_metrics_counters_move(server, client):
