@@ -34,12 +34,13 @@ from multimed.models.errors import InputError
 # at most a 1024-px side (2-D) or 256 x 512 x 512 voxels (volumes), by default 64 px and
 # 16 x 64 x 64. Rows and Columns share the 2-D image side limit, MAX_SIDE (4096).
 # 2**24 values is a 4096 x 4096 radiograph or 64 CT slices of 512 x 512. Decoding costs about
-# 16 bytes a value (stored ints, float64 modality LUT, float32), so ~270 MB at the limit.
+# 17 bytes a value (stored ints, float64 modality LUT, float32): ~290 MB measured at the limit.
 MAX_VOXELS = 2**24
-# Parsed bytes of one input (a file, or a whole series): the voxel limit at 32 bits a value
-# (64 MiB) plus as much again for headers. For the deflate transfer syntax this is the inflated
-# size, measured before pydicom inflates the whole dataset in one piece.
-MAX_BYTES = 2**27
+# Parsed bytes of one input (a file, or a whole series): the voxel limit at 16 bits a value
+# (32 MiB; CT, MR and DX store 16 bits, RGB 8) plus as much again for headers. For the deflate
+# transfer syntax this is the inflated size, measured before pydicom inflates it all in one
+# piece (which, under the limit, costs about twice the limit while parsing).
+MAX_BYTES = 2**26
 # Files in a series. A thin-slice CT has up to ~1000 (0.5 mm over 50 cm); each file is parsed
 # before the series' voxels can be summed, so the count is refused first.
 MAX_SERIES_FILES = 1024
@@ -65,7 +66,7 @@ def load_dicom(data: bytes, modality: str, max_bytes: int = MAX_BYTES) -> Datase
         raise InputError(modality, f"not a readable DICOM file ({e})") from None
     _check_pixel_data(ds, modality)
     for keyword in ("RescaleSlope", "RescaleIntercept"):
-        number(ds, keyword, modality)
+        _number(ds, keyword, modality)
     return ds
 
 
@@ -82,7 +83,8 @@ def _parsed_size(data: bytes, limit: int) -> int:
         return len(data)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as pydicom inflates it
     size, pending = 0, data[fp.tell() :]
-    while pending and size <= limit:
+    # Stop at the stream's end too: bytes after it (a padding byte) would stay unconsumed forever.
+    while pending and not inflater.eof and size <= limit:
         size += len(inflater.decompress(pending, _INFLATE_CHUNK))
         pending = inflater.unconsumed_tail
     return size
@@ -119,7 +121,7 @@ def _check_pixel_data(ds: Dataset, modality: str) -> None:
             )
 
 
-def number(ds: Dataset, keyword: str, modality: str) -> float | None:
+def _number(ds: Dataset, keyword: str, modality: str) -> float | None:
     """A numeric attribute's first value (files may list several); None when absent. NaN, Inf
     or unreadable values are refused by name: they would turn every pixel into NaN."""
     try:
@@ -181,7 +183,7 @@ def to_display(ds: Dataset, values: np.ndarray, modality: str) -> np.ndarray:
     the value range when it has none), inverted for MONOCHROME1. RGB is scaled by bit depth."""
     if is_rgb(ds):
         return values / float(2 ** int(ds.get("BitsStored", 8)) - 1)
-    center, width = number(ds, "WindowCenter", modality), number(ds, "WindowWidth", modality)
+    center, width = _number(ds, "WindowCenter", modality), _number(ds, "WindowWidth", modality)
     if center is not None and width is not None:
         if width <= 0:
             raise InputError(modality, f"DICOM WindowWidth must be positive, got {width:g}")

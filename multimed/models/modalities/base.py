@@ -209,7 +209,8 @@ def as_float_array(pipeline: ModalityPipeline, data: Any, ndim: tuple[int, ...])
     if array.ndim not in ndim:
         allowed = " or ".join(f"{n}-D" for n in ndim)
         raise pipeline.error(f"tensor must be {allowed}, got shape {tuple(array.shape)}")
-    array = array.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # values past float32's range become Inf, refused below
+        array = array.astype(np.float32, copy=False)
     check_finite(pipeline, array, "tensor")
     return array
 

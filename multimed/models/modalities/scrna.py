@@ -80,9 +80,8 @@ class ScrnaPipeline(ModalityPipeline):
         """Gene -> count map -> counts in the encoder's gene order, plus the unknown genes. The
         map arrives as decoded JSON, so anything may be in it: its shape is checked first."""
         if not isinstance(data, Mapping) or not data:
-            raise self.error(
-                f"gene counts must be a non-empty {{gene: count}} map, got {type(data).__name__}"
-            )
+            got = "an empty one" if isinstance(data, Mapping) else type(data).__name__
+            raise self.error(f"gene counts must be a non-empty {{gene: count}} map, got {got}")
         if len(data) > MAX_GENES:
             raise self.error(f"gene count map has {len(data)} entries, over the {MAX_GENES} limit")
         if not all(isinstance(gene, str) for gene in data):
