@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,4 +162,21 @@ def rss_bytes(pids) -> int:
                     total += int(line.split()[1]) * 1024
         except OSError:
             continue
+    return total
+
+
+def scrape(server) -> str:
+    """/metrics, with the token (the server has tokens on, so a scrape needs one)."""
+    request = urllib.request.Request(
+        server.metrics_url, headers={"Authorization": f"Bearer {server.token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return r.read().decode()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
     return total

@@ -36,10 +36,13 @@ class Coalescer(Generic[Call]):
         return await future
 
     def _dispatch(self) -> None:
-        if any(f.done() for _, f in self.waiting):  # callers who gave up: never sent
-            for call, _ in (w for w in self.waiting if w[1].done()):
+        waiting = []
+        for call, future in self.waiting:
+            if future.done():  # its caller gave up: never sent
                 self.dropped(call)
-            self.waiting = [(c, f) for c, f in self.waiting if not f.done()]
+            else:
+                waiting.append((call, future))
+        self.waiting = waiting
         while self.waiting and self.busy < self.slots:
             batch = self.waiting[: self.max_batch]
             del self.waiting[: self.max_batch]

@@ -49,22 +49,24 @@ class Pace:
         self.count = 0
 
     def done(self, items: int) -> None:
-        now = time.monotonic()
-        self.completions.append((now, items))
+        self.completions.append((self._forget_old(), items))
         self.count += items
-        while self.completions and self.completions[0][0] < now - self.WINDOW_S:
-            self.count -= self.completions.popleft()[1]
 
     def wait_s(self, queued: int) -> float:
         """0 until the window holds MIN_SAMPLES completions (a pace from a handful, right after
         a lull, would refuse calls an idle server could answer at once)."""
-        now = time.monotonic()
-        while self.completions and self.completions[0][0] < now - self.WINDOW_S:
-            self.count -= self.completions.popleft()[1]
+        now = self._forget_old()
         if self.count < self.MIN_SAMPLES:
             return 0.0
         span = max(now - self.completions[0][0], 0.1)
         return queued * span / self.count
+
+    def _forget_old(self) -> float:
+        """Drop completions older than the window; -> now."""
+        now = time.monotonic()
+        while self.completions and self.completions[0][0] < now - self.WINDOW_S:
+            self.count -= self.completions.popleft()[1]
+        return now
 
 
 @dataclass(frozen=True)

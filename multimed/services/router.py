@@ -22,6 +22,7 @@ from multimed.models.tasks import TaskModels
 from multimed.services import metrics
 from multimed.services.cache import EmbeddingCache, content_key
 from multimed.services.errors import Expired, ModelFault
+from multimed.services.offload import OFFLOAD_BYTES, off_loop_if
 from multimed.services.types import Embedding, EncodeStats, PredictCall, PredictResult
 
 log = logging.getLogger("multimed.router")
@@ -72,7 +73,7 @@ class Router:
     ) -> list[Embedding | Exception]:
         """-> per input an Embedding, or its error as a value (raised by the caller, so that
         replica logs never carry an error message quoting the input)."""
-        keys: list[str | Exception] = await _off_loop_if_large(raws, lambda: _keys(raws))
+        keys: list[str | Exception] = await off_loop_if(_large(raws), _keys, raws)
         wanted: dict[str, dict[str, Wanted]] = {}
         for raw, key in zip(raws, keys, strict=True):
             if isinstance(key, str):
@@ -85,8 +86,9 @@ class Router:
         one fusion pass per (task, modalities) group. A failing call fails alone; a call whose
         deadline has passed is dropped before any encoder runs it."""
         started = time.perf_counter()
-        checked = await _off_loop_if_large(
-            [r for c in calls for r in c.inputs], lambda: [_checked_inputs(c) for c in calls]
+        checked = await off_loop_if(
+            _large([r for c in calls for r in c.inputs]),
+            lambda: [_checked_inputs(c) for c in calls],
         )
         now = time.time()
         wanted: dict[str, dict[str, Wanted]] = {}
@@ -255,10 +257,6 @@ def _finite(*values) -> bool:
     return all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in values)
 
 
-# Hashing (and checking) a batch's inputs larger than this runs in a thread, off the event loop.
-OFF_LOOP_BYTES = 256 * 1024
-
-
 def _payload_bytes(raw: RawInput) -> int:
     data = raw.data
     if isinstance(data, np.ndarray):
@@ -272,12 +270,8 @@ def _payload_bytes(raw: RawInput) -> int:
     return 64
 
 
-async def _off_loop_if_large(raws: list[RawInput], function):
-    """`function()`, in a thread when `raws` are large: sha256 over megabytes would hold the
-    event loop for that long."""
-    if sum(_payload_bytes(r) for r in raws) > OFF_LOOP_BYTES:
-        return await asyncio.to_thread(function)
-    return function()
+def _large(raws: list[RawInput]) -> bool:
+    return sum(_payload_bytes(r) for r in raws) > OFFLOAD_BYTES
 
 
 def _keys(raws: list[RawInput]) -> list[str | Exception]:

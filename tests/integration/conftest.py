@@ -1,18 +1,9 @@
-"""One real server for the whole integration session (see `servers.py`), with X-ray at two
-replicas."""
+"""A second server whose encoders run on the session's server (tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-from servers import TOKEN, Server, free_port, running_server, serve_config, token_file
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, bundle, cohort) -> Server:
-    work = tmp_path_factory.mktemp("server")
-    config = serve_config(work / "serve_config.yaml", bundle)
-    with running_server(work, config) as (url, metrics_url, process):
-        yield Server(url, metrics_url, bundle, cohort, process)
+from servers import TOKEN, free_port, running_server, serve_config, token_file
 
 
 @pytest.fixture(scope="session")

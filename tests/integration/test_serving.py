@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -20,6 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from ray import serve
+from servers import metric, scrape
 
 from multimed.client import AsyncMultiMedClient, MultiMedClient
 from multimed.client.sdk import predict_request
@@ -41,23 +41,6 @@ def request_inputs(folder: Path, task: str, vqa_modality: str) -> dict[str, obje
     if "text" in spec.accepted:
         inputs["text"] = (folder / FILES["text"]).read_text()
     return inputs
-
-
-def scrape(server) -> str:
-    """/metrics, with the token (the server has tokens on, so a scrape needs one)."""
-    request = urllib.request.Request(
-        server.metrics_url, headers={"Authorization": f"Bearer {server.token}"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as r:
-        return r.read().decode()
-
-
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def random_xray(seed: int) -> RawInput:

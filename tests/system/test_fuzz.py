@@ -14,9 +14,10 @@ import zlib
 
 import grpc
 import numpy as np
-from load import GENES, SCRNA_TASK, XRAY_TASK, requests
+from load import GENES, SCRNA_TASK, XRAY_TASK, inputs
 from tritonclient.grpc import service_pb2 as oip
 
+from multimed.client.sdk import predict_request
 from multimed.models.catalog import CATALOG
 from multimed.models.codecs.dicom import write_dicom
 from multimed.v1 import multimed_pb2 as pb
@@ -53,7 +54,7 @@ def _dicom_variants(rng: random.Random) -> list[bytes]:
 def multimed_bodies(rng: random.Random, n: int) -> list[bytes]:
     """Serialized PredictRequest bodies (and raw junk) of every kind of wrongness."""
     dicoms = _dicom_variants(rng)
-    base = requests(XRAY_TASK, 1, seed=3)[0]
+    base = predict_request(XRAY_TASK, inputs(XRAY_TASK, 1, seed=3)[0])
     out = []
     for i in range(n):
         kind = i % 16
@@ -205,9 +206,9 @@ async def _fuzz(url: str, token: str, method: str, bodies: list[bytes]) -> dict[
     return counts
 
 
-def test_fuzz_both_apis(system_server):
+def test_fuzz_both_apis(server):
     rng = random.Random(2026)
-    server = system_server
+    server = server
     for method, bodies in (
         ("/multimed.v1.MultiMed/Predict", multimed_bodies(rng, PER_API)),
         ("/inference.GRPCInferenceService/ModelInfer", oip_bodies(rng, PER_API)),

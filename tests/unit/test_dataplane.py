@@ -21,7 +21,7 @@ from multimed.services.audit import AuditLog, task_label
 from multimed.services.cache import EmbeddingCache, content_key
 from multimed.services.coalesce import Coalescer
 from multimed.services.config import GatewaySettings
-from multimed.services.dataplane import CallInfo, DataPlane
+from multimed.services.dataplane import CallInfo, DataPlane, Pace
 from multimed.services.errors import ProtocolError, Status
 from multimed.services.frontends.oip.convert import request_from_wire
 from multimed.services.frontends.oip.models import Models
@@ -154,6 +154,35 @@ def test_deadline_exceeded_and_overload_map_to_their_statuses():
     assert refused.status is Status.RESOURCE_EXHAUSTED and "overloaded" in refused.message
 
 
+def test_admission_counts_items_and_refuses_a_queue_that_would_outlast_the_deadline():
+    dp = plane(max_in_flight=8)
+
+    async def quick(deadline):
+        return "done"
+
+    async def scenario():
+        too_many = await dp.run(info(), "bone_age_classification", [], quick, items=9)
+        fits = await dp.run(info(), "bone_age_classification", [], quick, items=8)
+        return too_many, fits
+
+    too_many, fits = run(scenario())
+    assert too_many.status is Status.RESOURCE_EXHAUSTED and "limit 8" in too_many.message
+    assert fits.status is Status.OK
+    pace = Pace()
+    assert pace.wait_s(1000) == 0.0  # no pace yet: nothing to refuse for
+    for _ in range(40):
+        pace.done(1)
+    assert pace.wait_s(1000) > 1.0  # 40 done in well under a second: 1000 queued take longer
+
+
+def test_request_ids_round_trip_in_metadata_and_stay_bounded_and_distinct():
+    assert DataPlane.request_id("", "patient-Müller") == "patient-M%C3%BCller"
+    long_a, long_b = DataPlane.request_id("x" * 500 + "a"), DataPlane.request_id("x" * 500 + "b")
+    assert len(long_a) == len(long_b) == 128 and long_a != long_b
+    assert all(c.isascii() and c.isprintable() and c != " " for c in long_a)
+    assert len(DataPlane.request_id("", None)) == 32  # none sent: a new one
+
+
 def test_predict_through_the_plane_is_coalesced_and_errors_keep_their_message():
     dp = plane(coalesce_slots=1)
 
@@ -220,6 +249,18 @@ def test_embedding_cache_evicts_the_least_recently_used_and_can_be_off():
     off = EmbeddingCache(0)
     off.put(("v", "a"), embedding(1))
     assert off.get(("v", "a")) is None
+
+
+def test_embedding_cache_is_bounded_by_bytes_and_keeps_copies():
+    cache = EmbeddingCache(100, max_bytes=2 * embedding(0).pooled.nbytes)
+    sent = embedding(1)
+    cache.put(("v", "a"), sent)
+    cache.put(("v", "b"), embedding(2))
+    cache.put(("v", "c"), embedding(3))
+    assert cache.get(("v", "a")) is None and len(cache) == 2
+    assert cache.bytes == 2 * sent.pooled.nbytes
+    cache.put(("v", "a"), sent)
+    assert cache.get(("v", "a")).pooled is not sent.pooled  # a copy: no view kept alive
 
 
 def test_content_keys_follow_content_form_and_modality():

@@ -158,7 +158,10 @@ class _Phase:
         self.sent = 0
         self.stopped_by = ""
         self.latencies: defaultdict[str, list[float]] = defaultdict(list)
-        self.errors: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        # task -> status code -> latency of each call that ended with it
+        self.errors: defaultdict[str, defaultdict[str, list[float]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
         self.started = self.end = self.finished = time.perf_counter()
 
     async def run(self, load: ClosedLoop | OpenLoop, progress: TextIO | None, label: str) -> None:
@@ -195,7 +198,7 @@ class _Phase:
         try:
             await self.call(request, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
-            self.errors[task][e.code().name] += 1
+            self.errors[task][e.code().name].append((time.perf_counter() - since) * 1000)
         else:
             self.latencies[task].append((time.perf_counter() - since) * 1000)
 
@@ -203,7 +206,7 @@ class _Phase:
         """A one-line progress bar: the further of time and count towards their bounds."""
         elapsed = time.perf_counter() - self.started
         answered = sum(map(len, self.latencies.values()))
-        errors = sum(c.total() for c in self.errors.values())
+        errors = sum(len(ms) for codes in self.errors.values() for ms in codes.values())
         done = max(elapsed / self.bounds.duration_s, self.sent / self.bounds.max_requests)
         bar = "#" * round(20 * min(done, 1.0))
         return (
@@ -224,7 +227,10 @@ class _Phase:
             for t in plan.tasks
         }
         every = [ms for values in self.latencies.values() for ms in values]
-        errors = sum(self.errors.values(), Counter())
+        errors: defaultdict[str, list[float]] = defaultdict(list)
+        for codes in self.errors.values():
+            for code, ms in codes.items():
+                errors[code].extend(ms)
         return Result(
             api=self.api.name,
             load={"mode": plan.load.mode, **asdict(plan.load)},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -10,7 +9,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Stats:
-    """Latencies are of the answered (OK) requests; an error is counted by its status code."""
+    """Latencies are of the answered (OK) requests; an error is counted by its status code, and
+    how long each code took to come back is its p99 (a refusal should be fast)."""
 
     requests: int
     ok: int
@@ -20,20 +20,26 @@ class Stats:
     p90_ms: float | None
     p99_ms: float | None
     max_ms: float | None
+    error_p99_ms: dict[str, float]
 
     @classmethod
-    def of(cls, latencies: list[float], errors: Counter[str], seconds: float) -> Stats:
+    def of(cls, latencies: list[float], errors: dict[str, list[float]], seconds: float) -> Stats:
+        """`errors`: per status code, the latency of each call that ended with it."""
         marks = np.percentile(latencies, [50, 90, 99, 100]) if latencies else [None] * 4
         p50, p90, p99, most = (None if m is None else round(float(m), 3) for m in marks)
+        failed = sum(map(len, errors.values()))
         return cls(
-            requests=len(latencies) + errors.total(),
+            requests=len(latencies) + failed,
             ok=len(latencies),
-            errors_by_code=dict(sorted(errors.items())),
+            errors_by_code={code: len(ms) for code, ms in sorted(errors.items())},
             throughput_rps=round(len(latencies) / seconds, 3) if seconds > 0 else 0.0,
             p50_ms=p50,
             p90_ms=p90,
             p99_ms=p99,
             max_ms=most,
+            error_p99_ms={
+                code: round(float(np.percentile(ms, 99)), 3) for code, ms in sorted(errors.items())
+            },
         )
 
 
@@ -65,7 +71,13 @@ def format_table(result: Result) -> str:
     ]
     rows = {**result.tasks, "all": result.overall} if len(result.tasks) > 1 else result.tasks
     for name, s in rows.items():
-        errors = ", ".join(f"{code} {n}" for code, n in s.errors_by_code.items()) or "-"
+        errors = (
+            ", ".join(
+                f"{code} {n} (p99 {s.error_p99_ms[code]:.1f} ms)"
+                for code, n in s.errors_by_code.items()
+            )
+            or "-"
+        )
         lines.append(
             f"{name:38s} {s.requests:8d} {s.ok:7d} {s.throughput_rps:8.1f} {_ms(s.p50_ms):>8s} "
             f"{_ms(s.p90_ms):>8s} {_ms(s.p99_ms):>8s} {_ms(s.max_ms):>8s}  {errors}"

@@ -3,7 +3,6 @@ plane, and the answer (request id in metadata; a status other than OK aborts the
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import grpc
 from multimed.models.catalog import TaskSpec
 from multimed.services.dataplane import CallInfo, DataPlane, Outcome
 from multimed.services.errors import Status
+from multimed.services.offload import OFFLOAD_BYTES, off_loop_if
 from multimed.services.triton import EncoderSignature
 
 T = TypeVar("T")
@@ -23,16 +23,11 @@ REQUEST_ID = "x-request-id"
 # of the request body being handled (a streamed request's, for each item).
 TOKEN_NAME: ContextVar[str] = ContextVar("token_name", default="")
 REQUEST_BYTES: ContextVar[int] = ContextVar("request_bytes", default=0)
-# Converting a request larger than this runs in a thread: a 1.5 M-entry gene map takes seconds
-# of Python, and the event loop must keep answering health checks meanwhile.
-OFFLOAD_BYTES = 256 * 1024
 
 
 async def offload(function: Callable[..., T], *args) -> T:
     """`function(*args)`, in a worker thread when the request being handled is large."""
-    if REQUEST_BYTES.get() > OFFLOAD_BYTES:
-        return await asyncio.to_thread(function, *args)
-    return function(*args)
+    return await off_loop_if(REQUEST_BYTES.get() > OFFLOAD_BYTES, function, *args)
 
 
 @dataclass(frozen=True)

@@ -86,17 +86,16 @@ class Listener:
     health: health.aio.HealthServicer
     door: Door
     readiness: Readiness = NOT_READY
-    _set: set[str] = field(default_factory=set)  # health names given a status so far
+    _sent: dict[str, int] = field(default_factory=dict)  # each health name's status as set
 
     async def set_readiness(self, readiness: Readiness) -> None:
         """Health (overall, every service, every task and encoder) and each protocol's
         readiness, together; only changed names are sent to watchers."""
-        before = self._statuses(self.readiness)
         self.readiness = readiness
         for name, status in self._statuses(readiness).items():
-            if before.get(name) != status or name not in self._set:
+            if self._sent.get(name) != status:
                 await self.health.set(name, status)
-                self._set.add(name)
+                self._sent[name] = status
         for hook in self.door.hooks:
             hook(readiness)
 

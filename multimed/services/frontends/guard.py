@@ -5,7 +5,6 @@ handler lets out is mapped through the status table, never grpc.aio's UNKNOWN.""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import grpc
 from multimed.services.errors import Status, to_status
 from multimed.services.frontends.auth import Tokens
 from multimed.services.frontends.grpc_common import REQUEST_BYTES, TOKEN_NAME, status_code
+from multimed.services.offload import off_loop_if
 
 log = logging.getLogger("multimed.listener")
 
@@ -36,9 +36,7 @@ async def parse(deserializer: Callable[[bytes], object] | None, data: bytes, wha
     if deserializer is None:
         return data
     try:
-        if len(data) <= INLINE_BYTES:
-            return deserializer(data)
-        return await asyncio.to_thread(deserializer, data)
+        return await off_loop_if(len(data) > INLINE_BYTES, deserializer, data)
     except Exception:  # protobuf's DecodeError, or its recursion limit on nested messages
         raise ValueError(f"request body is not a valid {what} message") from None
 
