@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import yaml
 
 from multimed.client import MultiMedClient
@@ -180,3 +181,14 @@ def metric(text: str, name: str, **labels) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+class StreamMetadata(grpc.StreamStreamClientInterceptor):
+    """Adds metadata to every streaming call (reflection's one method streams)."""
+
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        details = details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+        return continuation(details, requests)

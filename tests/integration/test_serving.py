@@ -8,18 +8,17 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from ray import serve
-from servers import metric, scrape
+from servers import StreamMetadata, metric, scrape, session_processes
 
 from multimed.client import AsyncMultiMedClient, MultiMedClient
 from multimed.client.sdk import predict_request
@@ -135,14 +134,15 @@ def test_second_task_on_same_inputs_hits_the_embedding_cache(server, client):
 
 
 def test_xray_scales_independently_and_both_replicas_work(server):
-    ray.init(address="auto", logging_level="ERROR")
-    try:
-        deployments = serve.status().applications["multimed"].deployments
-        running = {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
-    finally:
-        ray.shutdown()
-    assert running["encoder-xray"] == 2
-    assert all(n == 1 for name, n in running.items() if name != "encoder-xray")
+    # The replica processes of the server's session (its embedded Ray is local-only, so another
+    # process on this host cannot join it as a driver).
+    replicas = Counter(
+        cmd.split("ServeReplica:multimed:")[1].split()[0]
+        for cmd in session_processes(server.process.pid).values()
+        if "ServeReplica:multimed:" in cmd
+    )
+    assert replicas["encoder-xray"] == 2
+    assert len(replicas) == 11 and all(n == 1 for d, n in replicas.items() if d != "encoder-xray")
 
     async def burst():
         async with AsyncMultiMedClient(server.url, token=server.token) as c:
@@ -319,21 +319,12 @@ def test_health_and_reflection(server):
             ProtoReflectionDescriptorDatabase(channel).get_services()
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     bearer = (("authorization", f"Bearer {server.token}"),)
-    with grpc.intercept_channel(grpc.insecure_channel(server.url), _Metadata(bearer)) as channel:
+    with grpc.intercept_channel(
+        grpc.insecure_channel(server.url), StreamMetadata(bearer)
+    ) as channel:
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
         assert "multimed.v1.MultiMed" in services
         assert "grpc.health.v1.Health" in services
-
-
-class _Metadata(grpc.StreamStreamClientInterceptor):
-    """Adds metadata to every streaming call (reflection's one method streams)."""
-
-    def __init__(self, metadata):
-        self.metadata = metadata
-
-    def intercept_stream_stream(self, continuation, details, requests):
-        details = details._replace(metadata=(*(details.metadata or ()), *self.metadata))
-        return continuation(details, requests)
 
 
 def test_metrics_counters_move(server, client):

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from servers import TOKEN, running_server, serve_config
+from servers import TOKEN, StreamMetadata, running_server, serve_config
 
 from multimed.client import MultiMedClient
 from multimed.models.catalog import InputForm
@@ -96,10 +96,9 @@ def test_mtls_call_health_and_reflection_on_one_port(tls_server, pki):
         health = health_pb2_grpc.HealthStub(client.channel)
         status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
-        assert (
-            "multimed.v1.MultiMed"
-            in ProtoReflectionDescriptorDatabase(client.channel).get_services()
-        )
+        bearer = (("authorization", f"Bearer {TOKEN}"),)  # tokens are on: reflection needs one
+        reflected = grpc.intercept_channel(client.channel, StreamMetadata(bearer))
+        assert "multimed.v1.MultiMed" in ProtoReflectionDescriptorDatabase(reflected).get_services()
 
 
 def test_plaintext_to_the_tls_port_fails(tls_server):
