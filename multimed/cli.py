@@ -86,6 +86,10 @@ def _serve(args) -> int:
         # loopback, so its GCS, raylet and workers listen on 127.0.0.1 only. Read when ray is
         # first imported, hence before any import below.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray starts its workers at nice 15, as if they were background batch work; here they are
+    # the service, the gateway among them, and at nice 15 anything else on the host starves it
+    # (measured: refusals under overload took 10x longer). On a cluster, `ray start` reads it.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     from multimed.services.config import load_serve_config
     from multimed.services.server import ServeOptions, serve_forever
 

@@ -11,16 +11,15 @@ import logging
 import string
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 from multimed.models.catalog import CATALOG
-from multimed.models.errors import Overloaded
 from multimed.models.inputs import RawInput
 from multimed.services import metrics
+from multimed.services.admission import Admission
 from multimed.services.audit import MAX_ID, AuditLog, loggable, modality_label, task_label
 from multimed.services.coalesce import Coalescer
 from multimed.services.config import GatewaySettings
@@ -30,43 +29,6 @@ from multimed.services.types import Embedding, PredictCall, PredictResult
 log = logging.getLogger("multimed.dataplane")
 # Request-id characters kept as sent: printable ASCII but "%" (the escape) and space.
 ID_SAFE = "".join(c for c in string.printable if c not in "% " and c.isprintable())
-
-
-# A call is refused when the work queued ahead of it would take more than this share of its
-# deadline: answering RESOURCE_EXHAUSTED at once beats accepting it to miss the deadline later.
-ADMIT_FRACTION = 0.8
-
-
-class Pace:
-    """How fast items complete, over the last WINDOW_S: the queue ahead of a new call, divided
-    by it, is how long that call would wait."""
-
-    WINDOW_S = 2.0
-    MIN_SAMPLES = 20
-
-    def __init__(self):
-        self.completions: deque[tuple[float, int]] = deque()
-        self.count = 0
-
-    def done(self, items: int) -> None:
-        self.completions.append((self._forget_old(), items))
-        self.count += items
-
-    def wait_s(self, queued: int) -> float:
-        """0 until the window holds MIN_SAMPLES completions (a pace from a handful, right after
-        a lull, would refuse calls an idle server could answer at once)."""
-        now = self._forget_old()
-        if self.count < self.MIN_SAMPLES:
-            return 0.0
-        span = max(now - self.completions[0][0], 0.1)
-        return queued * span / self.count
-
-    def _forget_old(self) -> float:
-        """Drop completions older than the window; -> now."""
-        now = time.monotonic()
-        while self.completions and self.completions[0][0] < now - self.WINDOW_S:
-            self.count -= self.completions.popleft()[1]
-        return now
 
 
 @dataclass(frozen=True)
@@ -95,8 +57,7 @@ class DataPlane:
         # One coalescer per set of modalities: a batch waits for every encoder it needs, so
         # calls that need other encoders must not queue behind it.
         self.coalescers: dict[tuple[str, ...], Coalescer[PredictCall]] = {}
-        self.in_flight = 0
-        self.pace = Pace()
+        self.admission = Admission(settings.max_in_flight)
 
     def _coalescer(self, call: PredictCall) -> Coalescer[PredictCall]:
         key = tuple(sorted({r.modality for r in call.inputs} & set(CATALOG.modalities)))
@@ -148,19 +109,8 @@ class DataPlane:
         label = task_label(task)
         status, message, result = Status.OK, "", None
         metrics.IN_FLIGHT.labels(call.method).inc(items)
-        self.in_flight += items
         try:
-            if self.in_flight > self.settings.max_in_flight:
-                raise Overloaded(
-                    f"server overloaded: {self.in_flight - items} items in flight, "
-                    f"limit {self.settings.max_in_flight}; retry with backoff"
-                )
-            wait = self.pace.wait_s(self.in_flight - items)
-            if wait > call.timeout_s * ADMIT_FRACTION:
-                raise Overloaded(
-                    f"server overloaded: the queue ahead takes ~{wait:.1f} s, past this call's "
-                    f"{call.timeout_s:.1f} s deadline; retry with backoff"
-                )
+            self.admission.admit(items, call.timeout_s)
             deadline = time.time() + call.timeout_s
             result = await asyncio.wait_for(work(deadline), call.timeout_s)
         except asyncio.CancelledError:
@@ -173,9 +123,7 @@ class DataPlane:
                     "id=%s %s task=%s failed", loggable(call.request_id), call.method, label
                 )
         finally:
-            if status is Status.OK:
-                self.pace.done(items)
-            self.in_flight -= items
+            self.admission.release(items, status is Status.OK)
             metrics.IN_FLIGHT.labels(call.method).dec(items)
             elapsed = time.perf_counter() - started
             metrics.REQUESTS.labels(call.method, label, status.name).inc()

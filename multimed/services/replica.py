@@ -9,6 +9,7 @@ import logging
 
 import torch
 from ray import serve
+from ray.serve.context import _get_global_client
 
 from multimed.models.bundle import load_bundle
 from multimed.models.modalities.registry import build_pipelines
@@ -88,16 +89,11 @@ class RouterReplica:
         while True:
             await asyncio.sleep(WATCH_S)
             try:
-                status = await asyncio.to_thread(serve.status)
-                deployments = status.applications[app].deployments
+                running = await asyncio.to_thread(_running_replicas, app)
             except Exception:  # the controller restarting: keep the last view
                 log.warning("Serve controller did not answer; encoder health unchanged")
                 continue
-            live = frozenset(
-                m
-                for m in self.router.encoders
-                if deployments[encoder_deployment(m)].replica_states.get(RUNNING, 0)
-            )
+            live = frozenset(m for m in self.router.encoders if running.get(encoder_deployment(m)))
             for m in self.router.encoders:
                 metrics.ENCODER_LIVE.labels(m).set(m in live)
             if live != self.listener.readiness.live:
@@ -126,3 +122,15 @@ class RouterReplica:
         """Replica shutdown (Ray Serve calls it): drained, unless that was done already."""
         await self.drain()
         self.audit.close()
+
+
+def _running_replicas(app: str) -> dict[str, int]:
+    """Deployment -> replicas RUNNING, from the controller's plain details. serve.status()
+    builds the same from them through pydantic models that pickle every deployment's request
+    router: ~100 ms of CPU per read (measured with py-spy), taken from this process's gateway."""
+    details = _get_global_client().get_serve_details()
+    deployments = details["applications"][app]["deployments"]
+    return {
+        name: sum(r["state"] == RUNNING for r in d.get("replicas", ()))
+        for name, d in deployments.items()
+    }

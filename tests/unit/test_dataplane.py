@@ -21,7 +21,8 @@ from multimed.services.audit import AuditLog, task_label
 from multimed.services.cache import EmbeddingCache, content_key
 from multimed.services.coalesce import Coalescer
 from multimed.services.config import GatewaySettings
-from multimed.services.dataplane import CallInfo, DataPlane, Pace
+from multimed.services.admission import Pace
+from multimed.services.dataplane import CallInfo, DataPlane
 from multimed.services.errors import ProtocolError, Status
 from multimed.services.frontends.oip.convert import request_from_wire
 from multimed.services.frontends.oip.models import Models

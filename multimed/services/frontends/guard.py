@@ -21,6 +21,7 @@ log = logging.getLogger("multimed.listener")
 # Bodies up to this size are parsed on the event loop: a thread hop costs more than the parse.
 INLINE_BYTES = 64 * 1024
 DENIED = "missing or wrong bearer token"
+Refusal = tuple[grpc.StatusCode, str]
 
 
 @dataclass(frozen=True)
@@ -48,18 +49,26 @@ class Guard(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: Tokens | None, open_methods: tuple[str, ...]):
         self.tokens = tokens
         self.open_methods = open_methods
+        # (method, token name, refusal) -> wrapped handler, built once rather than per call:
+        # under overload every microsecond a call costs the gateway comes out of the calls it
+        # can take.
+        self.wrapped: dict[tuple[str, str | None, Refusal | None], object] = {}
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
             return handler
-        name = ""
+        name, refusal = "", None
         if self.tokens is not None and not details.method.startswith(self.open_methods):
             sent = dict(details.invocation_metadata or ()).get("authorization", "")
             name = self.tokens.name_of(sent)
             if name is None:
-                return _handler(handler, None, denied=True)
-        return _handler(handler, name, denied=False)
+                refusal = (grpc.StatusCode.UNAUTHENTICATED, DENIED)
+        key = (details.method, name, refusal)
+        wrapped = self.wrapped.get(key)
+        if wrapped is None:
+            wrapped = self.wrapped[key] = _handler(handler, name, refusal)
+        return wrapped
 
 
 def _message_name(handler) -> str:
@@ -68,8 +77,9 @@ def _message_name(handler) -> str:
     return getattr(owner, "__name__", "request")
 
 
-def _handler(handler, token_name: str | None, denied: bool):
-    """The same kind of handler, reading raw bytes, wrapped as the module docstring says."""
+def _handler(handler, token_name: str | None, refusal: Refusal | None):
+    """The same kind of handler, reading raw bytes, wrapped as the module docstring says;
+    with a `refusal`, it answers that status without reading the request."""
     original = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
@@ -77,9 +87,9 @@ def _handler(handler, token_name: str | None, denied: bool):
     what = _message_name(handler)
 
     async def request_of(request, context):
-        """The parsed request (unary) or a parsing iterator (streaming); aborts when denied."""
-        if denied:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+        """The parsed request (unary) or a parsing iterator (streaming); aborts when refused."""
+        if refusal is not None:
+            await context.abort(*refusal)
         TOKEN_NAME.set(token_name or "")
         if handler.request_streaming:
             return _parsed_stream(request, deserializer, what)
