@@ -60,6 +60,11 @@ class Admission:
         Overloaded when it is refused."""
         self.in_flight += items
         ahead = self.in_flight - items
+        if items > self.max_in_flight:
+            raise Overloaded(
+                f"this call's {items} items are over the server's limit of {self.max_in_flight} "
+                "in flight; split it into smaller calls"
+            )
         if self.in_flight > self.max_in_flight:
             raise Overloaded(
                 f"server overloaded: {ahead} items in flight, limit {self.max_in_flight}; "

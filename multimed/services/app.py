@@ -39,7 +39,11 @@ def build(config: ApplicationConfig) -> Application:
         deployment = serve.deployment(Encoder).options(name=name, **options)
         backend = args.encoders.get(m)
         encoders[m] = deployment.bind(
-            m, args.bundle, args.device, backend.model_dump() if backend else None
+            m,
+            args.bundle,
+            args.device,
+            backend.model_dump() if backend else None,
+            args.memory_limit_mb,
         )
     router = serve.deployment(RouterReplica).options(
         name=ROUTER, **{**ROUTER_DEFAULTS, **config.deployment(ROUTER)}
@@ -52,6 +56,7 @@ def build(config: ApplicationConfig) -> Application:
         args.gateway.model_dump(),
         args.metrics_port,
         args.cache_mb,
+        args.memory_limit_mb,
     )
 
 

@@ -135,6 +135,8 @@ class AppArgs(Strict):
     cache_entries: int = Field(4096, ge=0)  # router's embedding cache; 0 disables it
     cache_mb: float = Field(256, ge=0)  # ... and its size in memory (token embeddings are big)
     encoder_timeout_s: float = Field(30.0, gt=0)
+    # Per replica: past it, the replica fails its health check and Serve replaces it. None: none.
+    memory_limit_mb: float | None = Field(4096, gt=0)
     gateway: GatewaySettings = GatewaySettings()
     metrics_port: int | None = Field(8002, ge=0, le=65535)  # None: no /metrics endpoint
     encoders: dict[str, EncoderBackend] = Field(default_factory=dict)  # by modality; default torch

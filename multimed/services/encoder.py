@@ -18,6 +18,7 @@ from multimed.models.modalities.base import Batch
 from multimed.models.modalities.registry import build_pipeline
 from multimed.services.config import BatchConfig, EncoderBackend
 from multimed.services.errors import Expired, ModelFault
+from multimed.services.memory import check_memory
 from multimed.services.remote import TritonEncoder
 from multimed.services.types import Embedding
 
@@ -32,8 +33,14 @@ def pick_device(requested: str) -> str:
 
 class Encoder:
     async def __init__(
-        self, modality: str, bundle: str, device: str = "auto", backend: dict | None = None
+        self,
+        modality: str,
+        bundle: str,
+        device: str = "auto",
+        backend: dict | None = None,
+        memory_limit_mb: float | None = None,
     ):
+        self.memory_limit_mb = memory_limit_mb
         loaded = load_bundle(bundle)
         self.modality = modality
         self.bundle_version = loaded.version
@@ -52,6 +59,10 @@ class Encoder:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.reconfigure(BatchConfig().model_dump())
         log.info("encoder %s ready on %s (bundle %s)", modality, where, self.bundle_version)
+
+    def check_health(self) -> None:
+        """Serve calls it every health_check_period_s; raising makes Serve replace the replica."""
+        check_memory(self.memory_limit_mb)
 
     def reconfigure(self, user_config: dict) -> None:
         config = BatchConfig.model_validate(user_config)

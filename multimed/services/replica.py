@@ -21,6 +21,7 @@ from multimed.services.dataplane import DataPlane
 from multimed.services.frontends.auth import Tokens
 from multimed.services.frontends.grpc_common import Door, Readiness
 from multimed.services.frontends.grpc_server import start_listener
+from multimed.services.memory import check_memory
 from multimed.services.metrics import serve_metrics
 from multimed.services.router import Router
 from multimed.services.triton import encoder_signature
@@ -41,8 +42,10 @@ class RouterReplica:
         gateway: dict | None = None,
         metrics_port: int | None = None,
         cache_mb: float = 256,
+        memory_limit_mb: float | None = None,
     ):
         torch.set_num_threads(1)
+        self.memory_limit_mb = memory_limit_mb
         loaded = load_bundle(bundle)
         tasks = TaskModels(loaded.config)
         tasks.load_state_dict(loaded.tasks_state())
@@ -103,6 +106,10 @@ class RouterReplica:
                 )
             self.router.down = frozenset(self.router.encoders) - live
             await self.listener.set_readiness(Readiness(True, live))
+
+    def check_health(self) -> None:
+        """Serve calls it every health_check_period_s; raising makes Serve replace the replica."""
+        check_memory(self.memory_limit_mb)
 
     def serving(self) -> bool:
         """Whether this replica's listener reports SERVING (`multimed serve` waits on it); a

@@ -38,9 +38,10 @@ def test_metrics_need_the_token(server):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="open: on this 2-core machine a 10x open loop starves the gateway's event loop; "
-    "calls queue inside gRPC before admission runs (measured: RESOURCE_EXHAUSTED p99 5.1 s, "
-    "2010 CANCELLED and 1661 DEADLINE_EXCEEDED of 6496)",
+    reason="open: grpc.aio takes one new call from gRPC's queue per event-loop turn, and the "
+    "gateway shares its loop and GIL with the router; past 1,000 waiting gRPC cancels calls "
+    "itself (measured at 3,186/s: 2,736 OK, 570 RESOURCE_EXHAUSTED at p99 5.2 s, "
+    "8,557 CANCELLED, 882 DEADLINE_EXCEEDED)",
 )
 def test_overload_is_refused_fast_and_accepted_calls_keep_their_deadline(server, capacity):
     server = server
@@ -92,8 +93,5 @@ def test_soak_at_70_percent_of_capacity(server, capacity):
         f"soak {SOAK_S} s at {rate:.0f}/s: {seen}; p50 {stats.p50_ms} ms p99 {stats.p99_ms} ms; "
         f"server memory {before / 2**20:.0f} MiB, growth {growth:+.1%}"
     )
-    # The issue asks for 0 errors; one refusal in 19,687 was measured before the pace estimate
-    # needed 20 samples. Anything but a rare refusal fails here.
-    assert set(seen) <= {"OK", "RESOURCE_EXHAUSTED"}, seen
-    assert seen.get("RESOURCE_EXHAUSTED", 0) <= len(sent) // 1000, seen
+    assert seen == {"OK": len(sent)}, seen
     assert growth < 0.05

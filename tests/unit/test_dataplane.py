@@ -17,11 +17,11 @@ from multimed.models.errors import InputError
 from multimed.models.inputs import RawInput
 from multimed.models.modalities.registry import build_pipelines
 from multimed.models.outputs import Prediction
+from multimed.services.admission import Pace
 from multimed.services.audit import AuditLog, task_label
 from multimed.services.cache import EmbeddingCache, content_key
 from multimed.services.coalesce import Coalescer
 from multimed.services.config import GatewaySettings
-from multimed.services.admission import Pace
 from multimed.services.dataplane import CallInfo, DataPlane
 from multimed.services.errors import ProtocolError, Status
 from multimed.services.frontends.oip.convert import request_from_wire
@@ -167,7 +167,7 @@ def test_admission_counts_items_and_refuses_a_queue_that_would_outlast_the_deadl
         return too_many, fits
 
     too_many, fits = run(scenario())
-    assert too_many.status is Status.RESOURCE_EXHAUSTED and "limit 8" in too_many.message
+    assert too_many.status is Status.RESOURCE_EXHAUSTED and "limit of 8" in too_many.message
     assert fits.status is Status.OK
     pace = Pace()
     assert pace.wait_s(1000) == 0.0  # no pace yet: nothing to refuse for
