@@ -153,6 +153,16 @@ def session_processes(sid: int) -> dict[int, str]:
     return out
 
 
+def replicas(server) -> dict[str, list[int]]:
+    """Deployment name -> pids of its replica processes, from the server's session (its embedded
+    Ray is local-only, so another process on this host cannot join it as a driver to ask)."""
+    out: dict[str, list[int]] = {}
+    for pid, cmd in sorted(session_processes(server.process.pid).items()):
+        if "ServeReplica:multimed:" in cmd:
+            out.setdefault(cmd.split("ServeReplica:multimed:")[1].split()[0], []).append(pid)
+    return out
+
+
 def rss_bytes(pids) -> int:
     """Resident memory of these processes together (those that exited count 0)."""
     total = 0

@@ -106,8 +106,6 @@ class _Calls:
 class MultiMedClient(_Calls):
     """Blocking client. `with MultiMedClient(url) as c: c.predict(task, {"xray": Path(...)})`."""
 
-    open_channel = ChannelSettings.channel
-
     def __enter__(self):
         return self
 

@@ -60,7 +60,7 @@ class DataPlane:
         self.admission = Admission(settings.max_in_flight)
 
     def _coalescer(self, call: PredictCall) -> Coalescer[PredictCall]:
-        key = tuple(sorted({r.modality for r in call.inputs} & set(CATALOG.modalities)))
+        key = tuple(sorted({r.modality for r in call.inputs} & CATALOG.modalities.keys()))
         coalescer = self.coalescers.get(key)
         if coalescer is None:
             coalescer = self.coalescers[key] = Coalescer(

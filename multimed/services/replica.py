@@ -60,11 +60,11 @@ class RouterReplica:
             m: encoder_signature(m, p.model_input(), loaded.config.embed_dim)
             for m, p in build_pipelines(loaded.config).items()
         }
-        self.listener = await start_listener(Door(plane, signatures))
+        # With tokens on, /metrics asks for one too (the same file, or MULTIMED_TOKEN).
+        tokens = Tokens(settings.token_file)
+        self.listener = await start_listener(Door(plane, signatures), tokens)
         if metrics_port is not None:
             try:
-                # With tokens on, /metrics asks for one too (the same file, or MULTIMED_TOKEN).
-                tokens = Tokens(settings.token_file)
                 allowed = (
                     (lambda sent: tokens.name_of(sent) is not None) if tokens.enabled else None
                 )

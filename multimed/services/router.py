@@ -259,17 +259,25 @@ def _finite(*values) -> bool:
     return all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in values)
 
 
+def _key(raw: RawInput) -> str:
+    """The input's content key; InputError for an unknown modality or unreadable data."""
+    try:
+        CATALOG.modality(raw.modality)
+        return content_key(raw)
+    except MultiMedError:
+        raise
+    except Exception as error:  # data of a shape no front door should let through
+        raise InputError(raw.modality, f"input cannot be read ({type(error).__name__})") from None
+
+
 def _keys(raws: list[RawInput]) -> list[str | Exception]:
     """Each input's content key, or why it cannot be encoded."""
     out: list[str | Exception] = []
     for raw in raws:
         try:
-            CATALOG.modality(raw.modality)
-            out.append(content_key(raw))
+            out.append(_key(raw))
         except MultiMedError as error:
             out.append(error)
-        except Exception as error:  # data of a shape no front door should let through
-            out.append(InputError(raw.modality, f"input cannot be read ({type(error).__name__})"))
     return out
 
 
@@ -279,16 +287,14 @@ def _checked_inputs(call: PredictCall) -> dict[str, tuple[str, RawInput]] | Exce
         spec = CATALOG.task(call.task)
         inputs: dict[str, tuple[str, RawInput]] = {}
         for raw in call.inputs:
-            CATALOG.modality(raw.modality)
+            key = _key(raw)  # an unknown modality is named before a repeated one
             if raw.modality in inputs:
                 raise InputError(raw.modality, "sent more than once in one request")
-            inputs[raw.modality] = (content_key(raw), raw)
+            inputs[raw.modality] = (key, raw)
         spec.check_modalities(inputs)
         return inputs
     except MultiMedError as error:
         return error
-    except Exception as error:  # content_key on data of a shape no front door should pass
-        return InputError(raw.modality, f"input cannot be read ({type(error).__name__})")
 
 
 def _as_output(e: Embedding) -> EncoderOutput:

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -18,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from servers import StreamMetadata, metric, scrape, session_processes
+from servers import StreamMetadata, metric, replicas, scrape
 
 from multimed.client import AsyncMultiMedClient, MultiMedClient
 from multimed.client.sdk import predict_request
@@ -134,15 +133,9 @@ def test_second_task_on_same_inputs_hits_the_embedding_cache(server, client):
 
 
 def test_xray_scales_independently_and_both_replicas_work(server):
-    # The replica processes of the server's session (its embedded Ray is local-only, so another
-    # process on this host cannot join it as a driver).
-    replicas = Counter(
-        cmd.split("ServeReplica:multimed:")[1].split()[0]
-        for cmd in session_processes(server.process.pid).values()
-        if "ServeReplica:multimed:" in cmd
-    )
-    assert replicas["encoder-xray"] == 2
-    assert len(replicas) == 11 and all(n == 1 for d, n in replicas.items() if d != "encoder-xray")
+    counts = {name: len(pids) for name, pids in replicas(server).items()}
+    assert counts["encoder-xray"] == 2
+    assert len(counts) == 11 and all(n == 1 for d, n in counts.items() if d != "encoder-xray")
 
     async def burst():
         async with AsyncMultiMedClient(server.url, token=server.token) as c:
@@ -152,12 +145,12 @@ def test_xray_scales_independently_and_both_replicas_work(server):
 
     asyncio.run(burst())
     text = scrape(server)
-    replicas = {
+    answered_by = {
         line.split('replica="')[1].split('"')[0]
         for line in text.splitlines()
         if line.startswith("multimed_encoder_items_total{") and 'modality="xray"' in line
     }
-    assert len(replicas) == 2, replicas
+    assert len(answered_by) == 2, answered_by
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:

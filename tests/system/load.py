@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from importlib.resources import files
-
 import numpy as np
 
 from multimed.client.channel import ChannelSettings
@@ -19,10 +17,10 @@ from multimed.client.loadtest import (
     prepare,
     run_async,
 )
-from multimed.models.catalog import InputForm
+from multimed.models.catalog import PBMC_GENES, InputForm
 from multimed.models.inputs import RawInput
 
-GENES = files("multimed.models.resources").joinpath("pbmc68k_genes.txt").read_text().split()
+GENES = PBMC_GENES
 XRAY_TASK = "bone_age_classification"  # X-ray alone
 SCRNA_TASK = "cell_type_classification"  # scRNA alone: shares no encoder with XRAY_TASK
 

@@ -8,20 +8,16 @@ import struct
 import threading
 import time
 
-import edfio
 import grpc
-import numpy as np
 import pytest
+from bombs import deflate_bomb, resample_bomb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from load import SCRNA_TASK, XRAY_TASK
-from pydicom.uid import DeflatedExplicitVRLittleEndian
 from servers import rss_bytes, session_processes
 from tritonclient.grpc import service_pb2 as oip
-from unit.test_limits import XRAY, edf_bytes, edited
 
 from multimed.client.sdk import predict_request
 from multimed.models.catalog import InputForm
-from multimed.models.codecs import dicom
 from multimed.models.inputs import RawInput
 
 F = InputForm
@@ -30,20 +26,15 @@ SETTLE_S = 3  # for freed memory to go back (replicas' malloc trims past 64 MiB)
 
 def _bombs() -> dict[str, tuple[str, RawInput, str]]:
     """name -> (task, input, what the refusal names); each fits the tests' 4 MB messages."""
-    deflated = edited(
-        XRAY, syntax=DeflatedExplicitVRLittleEndian, PixelData=bytes(dicom.MAX_BYTES + 2**24)
-    )
-    slow = [edfio.EdfSignal(np.zeros(600), 1, label=f"S{i}") for i in range(200)]
-    resampled = edf_bytes([*slow, edfio.EdfSignal(np.zeros(600_000), 1000, label="Cz")])
     return {
         "deflated DICOM (80 MiB inflated)": (
             XRAY_TASK,
-            RawInput("xray", F.DICOM, deflated),
+            RawInput("xray", F.DICOM, deflate_bomb()),
             "inflate",
         ),
         "EDF resampled to 1.2e8 values": (
             "motor_imagery_classification",
-            RawInput("eeg", F.EDF, resampled),
+            RawInput("eeg", F.EDF, resample_bomb()),
             "resampled",
         ),
         "3.5 MB of bad protein letters": (
@@ -60,7 +51,6 @@ def _bombs() -> dict[str, tuple[str, RawInput, str]]:
 
 
 def test_refused_bombs_leave_the_servers_memory_where_it_was(server):
-    server = server
     pids = session_processes(server.process.pid)
     with server.client() as client:
         client.predict(XRAY_TASK, {"xray": server.patients[0] / "xray.dcm"})  # warm
@@ -100,7 +90,6 @@ def _huge_bodies() -> dict[str, bytes]:
     "(measured: health worst 294-356 ms; the BYTES bomb alone: 4 ms)",
 )
 def test_health_answers_within_100_ms_while_huge_requests_are_read(server):
-    server = server
     bodies = _huge_bodies()
     latencies: list[float] = []
     done = threading.Event()

@@ -10,15 +10,11 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from load import SCRNA_TASK, XRAY_TASK, ClosedLoop, codes, inputs, load
-from servers import session_processes
-
-XRAY_REPLICA = "ServeReplica:multimed:encoder-xray"
+from servers import replicas
 
 
 def _xray_replicas(server) -> list[int]:
-    return sorted(
-        pid for pid, cmd in session_processes(server.process.pid).items() if XRAY_REPLICA in cmd
-    )
+    return replicas(server).get("encoder-xray", [])
 
 
 def _health(url: str, service: str) -> int:
@@ -45,7 +41,6 @@ async def _kill_under_load(server, victim: int):
 def test_encoder_replica_killed_under_load(server):
     """With the SDK's default retries nothing is lost; tasks that do not need X-ray see no
     stall; the replica is back within 30 s."""
-    server = server
     replicas = _xray_replicas(server)
     assert len(replicas) == 2, replicas
     xray, scrna, killed_at = asyncio.run(_kill_under_load(server, replicas[0]))
@@ -65,7 +60,6 @@ def test_encoder_replica_killed_under_load(server):
 def test_health_follows_the_encoders(server):
     """With every X-ray replica dead, X-ray tasks are NOT_SERVING and fail at once with
     UNAVAILABLE; scRNA tasks stay SERVING; all come back."""
-    server = server
     serving, not_serving = (
         health_pb2.HealthCheckResponse.SERVING,
         health_pb2.HealthCheckResponse.NOT_SERVING,

@@ -44,7 +44,6 @@ def test_metrics_need_the_token(server):
     "8,557 CANCELLED, 882 DEADLINE_EXCEEDED)",
 )
 def test_overload_is_refused_fast_and_accepted_calls_keep_their_deadline(server, capacity):
-    server = server
     pids = session_processes(server.process.pid)
     before = rss_bytes(pids)
     rate = 10 * capacity
@@ -66,7 +65,6 @@ def test_overload_is_refused_fast_and_accepted_calls_keep_their_deadline(server,
 
 def test_expired_items_are_dropped_before_their_encoder(server, capacity):
     """Calls whose deadline passes while they queue are dropped unrun, and counted."""
-    server = server
     before = dropped(server)
     rate = 3 * capacity
     sent = inputs(SCRNA_TASK, int(capacity * 3), seed=12)
@@ -79,7 +77,6 @@ def test_expired_items_are_dropped_before_their_encoder(server, capacity):
 
 
 def test_soak_at_70_percent_of_capacity(server, capacity):
-    server = server
     pids = session_processes(server.process.pid)
     rate = 0.7 * capacity
     warm = inputs(SCRNA_TASK, int(rate * 20), seed=13)

@@ -2,17 +2,17 @@
 must be refused by name, cheaply (peak traced memory and time); values that would turn into
 NaN after decoding are refused instead of answered."""
 
-import io
 import struct
 import time
 import tracemalloc
 import zlib
 
+import bombs
 import edfio
 import numpy as np
-import pydicom
 import pytest
 import torch
+from bombs import XRAY, edf_bytes, edited
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from multimed.client.files import read_input
@@ -54,27 +54,9 @@ def refused_cheaply(modality: str, form: InputForm, data, match: str) -> None:
 # --- DICOM ---
 
 
-def edited(data: bytes, *, syntax: str | None = None, **changes) -> bytes:
-    """Re-encode a DICOM with tags changed (and, given `syntax`, another transfer syntax)."""
-    ds = pydicom.dcmread(io.BytesIO(data))
-    for key, value in changes.items():
-        setattr(ds, key, value)
-    if syntax is not None:
-        ds.file_meta.TransferSyntaxUID = syntax
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
-XRAY = write_dicom(np.random.default_rng(0).random((32, 32)) * 1000, "DX")
-
-
 @pytest.fixture(scope="module")
 def deflate_bomb() -> bytes:
-    """~100 KB that pydicom would inflate to 80 MiB of zeros (PixelData past MAX_BYTES)."""
-    data = edited(
-        XRAY, syntax=DeflatedExplicitVRLittleEndian, PixelData=bytes(dicom.MAX_BYTES + 2**24)
-    )
+    data = bombs.deflate_bomb()
     assert len(data) < 200_000
     return data
 
@@ -168,12 +150,6 @@ def test_image_size_is_checked_from_the_header():
 # --- EDF ---
 
 
-def edf_bytes(signals: list[edfio.EdfSignal]) -> bytes:
-    buffer = io.BytesIO()
-    edfio.Edf(signals).write(buffer)
-    return buffer.getvalue()
-
-
 def eeg_edf(seconds: int = 4, rate: int = 128) -> bytes:
     data = np.zeros((len(BCI_IV_2A_CHANNELS), seconds * rate), np.float32)
     return write_edf(EEGRecord(data, BCI_IV_2A_CHANNELS, float(rate)))
@@ -198,9 +174,7 @@ def test_edf_duration_and_rates_are_refused_from_the_header():
 
 
 def test_edf_resampled_size_is_refused_before_resampling():
-    """200 slow signals would each be resampled to the one fast signal's 1 kHz: 1.2e8 values."""
-    slow = [edfio.EdfSignal(np.zeros(600), 1, label=f"S{i}") for i in range(200)]
-    data = edf_bytes([*slow, edfio.EdfSignal(np.zeros(600_000), 1000, label="Cz")])
+    data = bombs.resample_bomb()
     assert len(data) < 2_000_000
     refused_cheaply("eeg", F.EDF, data, "values resampled to 1000 Hz, over the 16777216 limit")
 

@@ -172,7 +172,7 @@ class _Phase:
             await load.drive(self)
         finally:
             self.finished = time.perf_counter()
-            if ticker and progress:
+            if ticker:
                 ticker.cancel()
                 progress.write(f"\r{self.status(label)}\n")
 

@@ -44,6 +44,9 @@ class Readiness:
             and (not task.any_of or any(m in self.live for m in task.any_of))
         )
 
+    def encoder_ready(self, modality: str) -> bool:
+        return self.serving and modality in self.live
+
 
 NOT_READY = Readiness(False, frozenset())
 

@@ -111,7 +111,7 @@ class Listener:
         for task in CATALOG.tasks.values():
             out[task_health(task.id)] = status(readiness.task_ready(task))
         for m in CATALOG.modalities:
-            out[encoder_health(m)] = status(readiness.serving and m in readiness.live)
+            out[encoder_health(m)] = status(readiness.encoder_ready(m))
         return out
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -121,9 +121,9 @@ class Listener:
         await self.server.stop(grace_s)
 
 
-async def start_listener(door: Door) -> Listener:
-    """Serve every front door on the data plane settings' address; not serving until
-    set_readiness says so."""
+async def start_listener(door: Door, tokens: Tokens) -> Listener:
+    """Serve every front door on the data plane settings' address, asking for `tokens` when
+    they are enabled; not serving until set_readiness says so."""
     settings: GatewaySettings = door.plane.settings
     limit = int(settings.max_message_mb * 1024 * 1024)
     options = [
@@ -133,7 +133,6 @@ async def start_listener(door: Door) -> Listener:
         # Router replicas on one node share the port; the kernel spreads connections.
         ("grpc.so_reuseport", 1),
     ]
-    tokens = Tokens(settings.token_file)
     guard = Guard(tokens if tokens.enabled else None, OPEN_PREFIXES)
     # Past max_rpcs, gRPC answers RESOURCE_EXHAUSTED itself, before any handler runs.
     server = grpc.aio.server(

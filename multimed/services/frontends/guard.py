@@ -21,7 +21,6 @@ log = logging.getLogger("multimed.listener")
 # Bodies up to this size are parsed on the event loop: a thread hop costs more than the parse.
 INLINE_BYTES = 64 * 1024
 DENIED = "missing or wrong bearer token"
-Refusal = tuple[grpc.StatusCode, str]
 
 
 @dataclass(frozen=True)
@@ -49,25 +48,23 @@ class Guard(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: Tokens | None, open_methods: tuple[str, ...]):
         self.tokens = tokens
         self.open_methods = open_methods
-        # (method, token name, refusal) -> wrapped handler, built once rather than per call:
-        # under overload every microsecond a call costs the gateway comes out of the calls it
-        # can take.
-        self.wrapped: dict[tuple[str, str | None, Refusal | None], object] = {}
+        # (method, token name; None: denied) -> wrapped handler, built once rather than per
+        # call: under overload every microsecond a call costs the gateway comes out of the
+        # calls it can take.
+        self.wrapped: dict[tuple[str, str | None], object] = {}
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
             return handler
-        name, refusal = "", None
+        name: str | None = ""
         if self.tokens is not None and not details.method.startswith(self.open_methods):
             sent = dict(details.invocation_metadata or ()).get("authorization", "")
             name = self.tokens.name_of(sent)
-            if name is None:
-                refusal = (grpc.StatusCode.UNAUTHENTICATED, DENIED)
-        key = (details.method, name, refusal)
+        key = (details.method, name)
         wrapped = self.wrapped.get(key)
         if wrapped is None:
-            wrapped = self.wrapped[key] = _handler(handler, name, refusal)
+            wrapped = self.wrapped[key] = _handler(handler, name)
         return wrapped
 
 
@@ -77,9 +74,9 @@ def _message_name(handler) -> str:
     return getattr(owner, "__name__", "request")
 
 
-def _handler(handler, token_name: str | None, refusal: Refusal | None):
+def _handler(handler, token_name: str | None):
     """The same kind of handler, reading raw bytes, wrapped as the module docstring says;
-    with a `refusal`, it answers that status without reading the request."""
+    `token_name` None: the token was refused, answered without reading the request."""
     original = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
@@ -87,10 +84,10 @@ def _handler(handler, token_name: str | None, refusal: Refusal | None):
     what = _message_name(handler)
 
     async def request_of(request, context):
-        """The parsed request (unary) or a parsing iterator (streaming); aborts when refused."""
-        if refusal is not None:
-            await context.abort(*refusal)
-        TOKEN_NAME.set(token_name or "")
+        """The parsed request (unary) or a parsing iterator (streaming); aborts when denied."""
+        if token_name is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+        TOKEN_NAME.set(token_name)
         if handler.request_streaming:
             return _parsed_stream(request, deserializer, what)
         REQUEST_BYTES.set(len(request))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from multimed.models.catalog import CATALOG, OutputKind
+from multimed.models.catalog import CATALOG, CATALOG_VERSION, OutputKind
 from multimed.models.outputs import output_of
 from multimed.services.frontends.multimed_v1.inputs import input_from_wire, tensor_to_wire
 from multimed.services.types import Embedding, PredictCall, PredictResult
@@ -76,7 +76,7 @@ def embedding_to_wire(request_id: str, modality: str, e: Embedding, version: str
 
 
 def catalog_to_wire() -> pb.Catalog:
-    doc = pb.Catalog(catalog_version=CATALOG.to_json()["catalog_version"])
+    doc = pb.Catalog(catalog_version=CATALOG_VERSION)
     for m in CATALOG.modalities.values():
         doc.modalities.append(
             pb.ModalityInfo(

@@ -56,6 +56,8 @@ class Models:
     def __init__(self, signatures: dict[str, EncoderSignature], max_batch_size: int):
         self.max_batch_size = max_batch_size
         self.by_name: dict[str, ModelSpec] = {}
+        # Each task's catalog entry as ModelConfig's `parameters["task"]`, serialised once.
+        self.task_entries = {t["id"]: json.dumps(t) for t in CATALOG.to_json()["tasks"]}
         for task in CATALOG.tasks.values():
             kind = output_of(task.output)
             outputs = [TensorInfo("scores", "FP32", kind.score_dims(len(task.labels)))]
@@ -101,10 +103,7 @@ class Models:
     def config(self, model: ModelSpec) -> mc.ModelConfig:
         """Every input optional (one form per modality is sent); batching is dynamic (requests
         are coalesced with no fixed wait); a task's catalog entry in `parameters["task"]`."""
-        parameters = {}
-        if model.task is not None:
-            entry = next(t for t in CATALOG.to_json()["tasks"] if t["id"] == model.task.id)
-            parameters["task"] = json.dumps(entry)
+        parameters = {} if model.task is None else {"task": self.task_entries[model.task.id]}
         return model_config(
             model.name,
             model.inputs,

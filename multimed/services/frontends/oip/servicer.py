@@ -16,14 +16,12 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from multimed.models.outputs import output_of
 from multimed.services.dataplane import DataPlane
-from multimed.services.errors import Status, to_status
 from multimed.services.frontends.grpc_common import (
     NOT_READY,
     Door,
     answer,
     call_info,
     offload,
-    status_code,
 )
 from multimed.services.frontends.oip.convert import (
     Decoded,
@@ -59,17 +57,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             return False
         if model.task is not None:
             return self.readiness.task_ready(model.task)
-        return self.readiness.serving and model.modalities[0] in self.readiness.live
-
-    async def _answer(self, context, work):
-        """Metadata calls: the same error table, no request metrics."""
-        try:
-            return work()
-        except Exception as error:
-            status, message = to_status(error)
-            if status is Status.INTERNAL:
-                log.exception("metadata call failed")
-            await context.abort(status_code(status), message)
+        return self.readiness.encoder_ready(model.modalities[0])
 
     async def ServerLive(self, request, context):
         return oip.ServerLiveResponse(live=True)
@@ -86,31 +74,21 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             name="multimed-serve", version=version("multimed-serve"), extensions=EXTENSIONS
         )
 
+    # Metadata calls raise; the guard maps their errors through the status table.
     async def ModelMetadata(self, request, context):
-        return await self._answer(
-            context, lambda: self.models.metadata(self.models.get(request.name, request.version))
-        )
+        return self.models.metadata(self.models.get(request.name, request.version))
 
     async def ModelConfig(self, request, context):
-        return await self._answer(
-            context,
-            lambda: oip.ModelConfigResponse(
-                config=self.models.config(self.models.get(request.name, request.version))
-            ),
-        )
+        model = self.models.get(request.name, request.version)
+        return oip.ModelConfigResponse(config=self.models.config(model))
 
     async def ModelStatistics(self, request, context):
-        def work():
-            names = (
-                [self.models.get(request.name, request.version).name]
-                if request.name
-                else [*self.models]
-            )
-            return oip.ModelStatisticsResponse(
-                model_stats=[self.stats[n].to_wire(n) for n in names]
-            )
-
-        return await self._answer(context, work)
+        names = (
+            [self.models.get(request.name, request.version).name]
+            if request.name
+            else [*self.models]
+        )
+        return oip.ModelStatisticsResponse(model_stats=[self.stats[n].to_wire(n) for n in names])
 
     async def RepositoryIndex(self, request, context):
         states = {n: "READY" if self.model_ready(n) else "UNAVAILABLE" for n in self.models}
