@@ -87,10 +87,12 @@ def running_server(
     token: str = TOKEN,
     extra: tuple[str, ...] = (),
     wait=None,
+    env: dict[str, str] | None = None,
 ):
     """`multimed serve` with `config` in a subprocess on free loopback ports, the token from a
     token file, until the block ends; `extra`: more `serve` arguments; `wait(url, process, log)`
-    instead of a plaintext health check. -> (grpc url, metrics url, process)."""
+    instead of a plaintext health check; `env`: its environment (default: this one's).
+    -> (grpc url, metrics url, process)."""
     port, metrics_port = free_port(), free_port()
     log = work / "serve.log"
     tokens = token_file(work, {"integration": token})
@@ -120,7 +122,7 @@ def running_server(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
         )
     url = f"127.0.0.1:{port}"
     try:

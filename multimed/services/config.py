@@ -158,6 +158,7 @@ class DeploymentConfig(Strict):
     num_replicas: int | Literal["auto"] | None = None
     max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int | None = Field(None, ge=-1)
+    max_replicas_per_node: int | None = Field(None, ge=1)  # 1: a node's loss takes one replica
     autoscaling_config: dict[str, Any] | None = None
     ray_actor_options: dict[str, Any] | None = None
     user_config: BatchConfig | None = None

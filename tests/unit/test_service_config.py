@@ -21,6 +21,12 @@ def test_shipped_serve_config_is_valid():
     assert config.app.deployment("encoder-xray")["user_config"]["max_batch_size"] == 32
 
 
+def test_replicas_can_be_spread_over_nodes(tmp_path):
+    path = tmp_path / "spread.yaml"
+    path.write_text("applications: [{deployments: [{name: router, max_replicas_per_node: 1}]}]")
+    assert load_serve_config(path).app.deployment("router") == {"max_replicas_per_node": 1}
+
+
 @pytest.mark.parametrize(
     ("text", "complaint"),
     [
@@ -32,6 +38,10 @@ def test_shipped_serve_config_is_valid():
         (
             "applications: [{deployments: [{name: encoder-xray, user_config: {max_batch: 2}}]}]",
             "max_batch",
+        ),
+        (
+            "applications: [{deployments: [{name: encoder-xray, max_replicas_per_node: 0}]}]",
+            "max_replicas_per_node",
         ),
     ],
 )
