@@ -107,7 +107,9 @@ async def run(options: ServeOptions) -> None:
 
     env_vars = {**REPLICA_ENV, **app_config.runtime_env.get("env_vars", {})}
     ray.init(
-        address=options.ray_address,
+        # "local": always a Ray of our own. Ray's default (None) joins whichever cluster the
+        # host's last `ray start` recorded in /tmp/ray/ray_current_cluster, even a dead one.
+        address=options.ray_address or "local",
         # Scheduling is by logical CPUs: eleven light replicas must fit on a 2-core machine.
         num_cpus=None if options.ray_address else max(os.cpu_count() or 1, LOCAL_LOGICAL_CPUS),
         include_dashboard=False,
