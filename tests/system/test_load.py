@@ -38,10 +38,13 @@ def test_metrics_need_the_token(server):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="open: grpc.aio takes one new call from gRPC's queue per event-loop turn, and the "
-    "gateway shares its loop and GIL with the router; past 1,000 waiting gRPC cancels calls "
-    "itself (measured at 3,186/s: 2,736 OK, 570 RESOURCE_EXHAUSTED at p99 5.2 s, "
-    "8,557 CANCELLED, 882 DEADLINE_EXCEEDED)",
+    reason="open: the Python accept path (grpc.aio takes one call per loop turn) cannot keep up "
+    "at 10x on this 2-core host, and past 1,000 pending calls gRPC core sheds them itself "
+    "(grpc.server.max_pending_requests, random early drop up to 3,000): fast, but the client "
+    "sees CANCELLED, not RESOURCE_EXHAUSTED. With those limits raised nothing is shed and all "
+    "waits (a bare grpc.aio server, 500 us a call at 3,000/s: 4,242 CANCELLED at p99 9 ms, or "
+    "0 CANCELLED and p99 4.2 s). Measured here at 3,090/s: 3,811 OK, 234 RESOURCE_EXHAUSTED, "
+    "7,484 CANCELLED, 831 DEADLINE_EXCEEDED; the listener on a loop of its own did not help",
 )
 def test_overload_is_refused_fast_and_accepted_calls_keep_their_deadline(server, capacity):
     pids = session_processes(server.process.pid)

@@ -60,6 +60,8 @@ class Door:
     services: list[str] = field(default_factory=list)  # full names, for health and reflection
     open_methods: list[str] = field(default_factory=list)  # method paths that need no token
     hooks: list[Callable[[Readiness], None]] = field(default_factory=list)
+    # request message full name -> a cheap check of a large body before it is parsed
+    prechecks: dict[str, Callable[[bytes], None]] = field(default_factory=dict)
 
     def add_service(self, full_name: str, open_methods: tuple[str, ...] = ()) -> None:
         self.services.append(full_name)

@@ -141,6 +141,7 @@ async def start_listener(door: Door, tokens: Tokens) -> Listener:
     for register in FRONT_DOORS:
         register(server, door)
     guard.open_methods = (*OPEN_PREFIXES, *door.open_methods)  # the doors named their probes
+    guard.prechecks = door.prechecks
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

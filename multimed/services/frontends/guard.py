@@ -1,7 +1,8 @@
 """Every method of the listener runs inside the guard: the token is checked before the body is
 even parsed; the body is parsed here (large ones off the event loop, so health answers while a
-64 MB request is read); a body that does not parse is INVALID_ARGUMENT; and any exception a
-handler lets out is mapped through the status table, never grpc.aio's UNKNOWN."""
+64 MB request is read, and after their door's precheck, which counts maps without building them:
+see bounds.py); a body that does not parse is INVALID_ARGUMENT; and any exception a handler lets
+out is mapped through the status table, never grpc.aio's UNKNOWN."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import grpc
 
 from multimed.services.errors import Status, to_status
 from multimed.services.frontends.auth import Tokens
+from multimed.services.frontends.bounds import BodyRefused
 from multimed.services.frontends.grpc_common import REQUEST_BYTES, TOKEN_NAME, status_code
 from multimed.services.offload import off_loop_if
 
@@ -31,14 +33,34 @@ class Unparseable:
     message: str
 
 
-async def parse(deserializer: Callable[[bytes], object] | None, data: bytes, what: str):
-    """Raises ValueError with a message for the caller (never quoting the body)."""
+Precheck = Callable[[bytes], None]  # raises BodyRefused for a body too costly to parse (bounds.py)
+
+
+async def parse(
+    deserializer: Callable[[bytes], object] | None,
+    data: bytes,
+    what: str,
+    precheck: Precheck | None = None,
+):
+    """Raises ValueError with a message for the caller (never quoting the body). A large body
+    passes its door's `precheck` (cheap counting) before the parse."""
     if deserializer is None:
         return data
+    large = len(data) > INLINE_BYTES
     try:
-        return await off_loop_if(len(data) > INLINE_BYTES, deserializer, data)
+        return await off_loop_if(
+            large, _checked_parse, deserializer, precheck if large else None, data
+        )
+    except BodyRefused as e:
+        raise ValueError(str(e)) from None
     except Exception:  # protobuf's DecodeError, or its recursion limit on nested messages
         raise ValueError(f"request body is not a valid {what} message") from None
+
+
+def _checked_parse(deserializer, precheck: Precheck | None, data: bytes):
+    if precheck is not None:
+        precheck(data)
+    return deserializer(data)
 
 
 class Guard(grpc.aio.ServerInterceptor):
@@ -48,6 +70,7 @@ class Guard(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: Tokens | None, open_methods: tuple[str, ...]):
         self.tokens = tokens
         self.open_methods = open_methods
+        self.prechecks: dict[str, Precheck] = {}  # request message full name -> its precheck
         # (method, token name; None: denied) -> wrapped handler, built once rather than per
         # call: under overload every microsecond a call costs the gateway comes out of the
         # calls it can take.
@@ -64,17 +87,20 @@ class Guard(grpc.aio.ServerInterceptor):
         key = (details.method, name)
         wrapped = self.wrapped.get(key)
         if wrapped is None:
-            wrapped = self.wrapped[key] = _handler(handler, name)
+            precheck = self.prechecks.get(_message_name(handler))
+            wrapped = self.wrapped[key] = _handler(handler, name, precheck)
         return wrapped
 
 
 def _message_name(handler) -> str:
+    """The request message's full name (e.g. multimed.v1.PredictRequest)."""
     deserializer = handler.request_deserializer
     owner = getattr(deserializer, "__self__", None)  # FromString is bound to its message class
-    return getattr(owner, "__name__", "request")
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", "request")
 
 
-def _handler(handler, token_name: str | None):
+def _handler(handler, token_name: str | None, precheck: Precheck | None = None):
     """The same kind of handler, reading raw bytes, wrapped as the module docstring says;
     `token_name` None: the token was refused, answered without reading the request."""
     original = (
@@ -89,10 +115,10 @@ def _handler(handler, token_name: str | None):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
         TOKEN_NAME.set(token_name)
         if handler.request_streaming:
-            return _parsed_stream(request, deserializer, what)
+            return _parsed_stream(request, deserializer, what, precheck)
         REQUEST_BYTES.set(len(request))
         try:
-            return await parse(deserializer, request, what)
+            return await parse(deserializer, request, what, precheck)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
@@ -120,12 +146,12 @@ def _handler(handler, token_name: str | None):
 
 
 async def _parsed_stream(
-    requests: AsyncIterator[bytes], deserializer, what: str
+    requests: AsyncIterator[bytes], deserializer, what: str, precheck: Precheck | None
 ) -> AsyncIterator[object]:
     async for data in requests:
         REQUEST_BYTES.set(len(data))
         try:
-            yield await parse(deserializer, data, what)
+            yield await parse(deserializer, data, what, precheck)
         except ValueError as e:
             yield Unparseable(str(e))
 

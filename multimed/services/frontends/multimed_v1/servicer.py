@@ -11,8 +11,10 @@ from dataclasses import replace
 import grpc
 
 from multimed.models.catalog import CATALOG
+from multimed.models.modalities.scrna import MAX_GENES
 from multimed.services.dataplane import CallInfo, DataPlane, Outcome
 from multimed.services.errors import Status
+from multimed.services.frontends.bounds import map_limit
 from multimed.services.frontends.grpc_common import Door, answer, call_info, offload
 from multimed.services.frontends.guard import Unparseable
 from multimed.services.frontends.multimed_v1.convert import (
@@ -130,8 +132,16 @@ def _error_response(request_id: str, task: str, status: Status, message: str):
     )
 
 
+def _over_gene_limit(field: str, entries: int) -> str:
+    """The scRNA codec's own words (its map is the only one in a Predict body)."""
+    return f"scrna: gene count map has {entries} entries, over the {MAX_GENES} limit"
+
+
 def register(server: grpc.aio.Server, door: Door) -> MultiMedService:
     service = MultiMedService(door.plane, door.plane.settings.stream_concurrency)
     pb_grpc.add_MultiMedServicer_to_server(service, server)
     door.add_service(SERVICE)
+    door.prechecks[pb.PredictRequest.DESCRIPTOR.full_name] = map_limit(
+        pb.PredictRequest, MAX_GENES, _over_gene_limit
+    )
     return service

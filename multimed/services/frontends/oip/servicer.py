@@ -16,6 +16,7 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from multimed.models.outputs import output_of
 from multimed.services.dataplane import DataPlane
+from multimed.services.frontends.bounds import map_limit
 from multimed.services.frontends.grpc_common import (
     NOT_READY,
     Door,
@@ -34,6 +35,8 @@ from multimed.services.frontends.oip.stats import ModelStats
 from multimed.services.types import PredictCall
 
 log = logging.getLogger("multimed.oip")
+# Per `parameters` map (request, input, output): the protocol's own parameters are a handful.
+MAX_PARAMETERS = 64
 SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 EXTENSIONS = ("model_configuration", "statistics")
 # Liveness and readiness probes answer without a token.
@@ -210,4 +213,11 @@ def register(server: grpc.aio.Server, door: Door) -> InferenceService:
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     door.add_service(SERVICE.full_name, PROBES)
     door.on_readiness(lambda readiness: setattr(service, "readiness", readiness))
+    door.prechecks[oip.ModelInferRequest.DESCRIPTOR.full_name] = map_limit(
+        oip.ModelInferRequest, MAX_PARAMETERS, _over_parameter_limit
+    )
     return service
+
+
+def _over_parameter_limit(field: str, entries: int) -> str:
+    return f"a {field} map has {entries} entries, over the {MAX_PARAMETERS} limit"
