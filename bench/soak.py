@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ from servers import (  # noqa: E402
 TIMEOUT_S = 5.0
 
 
-async def soak(server, pids, rate: float, seconds: float, every: float) -> dict:
+async def soak(server, pids, rate: float, seconds: float, every: float) -> list[dict]:
     """The open loop in `every`-second slices (each its own figures), memory after each."""
     slices, seed = [], 100
     started = time.monotonic()
@@ -61,7 +62,7 @@ async def soak(server, pids, rate: float, seconds: float, every: float) -> dict:
             f"  max {s['max_ms']:.0f} ms  server RSS {s['rss_mib']:.0f} MiB",
             flush=True,
         )
-    return {"slices": slices}
+    return slices
 
 
 def main() -> None:
@@ -87,12 +88,8 @@ def main() -> None:
             warm = inputs(SCRNA_TASK, int(rate * 20), seed=11)
             asyncio.run(load(server, SCRNA_TASK, warm, open_loop(rate, len(warm)), TIMEOUT_S))
             before = rss_bytes(pids) / 2**20
-            result = asyncio.run(soak(server, pids, rate, args.seconds, args.every))
-    slices = result["slices"]
-    totals: dict[str, int] = {}
-    for s in slices:
-        for code, n in s["codes"].items():
-            totals[code] = totals.get(code, 0) + n
+            slices = asyncio.run(soak(server, pids, rate, args.seconds, args.every))
+    totals = dict(sum((Counter(s["codes"]) for s in slices), Counter()))
     summary = {
         "capacity_rps": cap.throughput_rps,
         "rate_rps": rate,
@@ -102,7 +99,7 @@ def main() -> None:
         "rss_after_mib": slices[-1]["rss_mib"],
         "rss_growth": slices[-1]["rss_mib"] / before - 1,
         "worst_p99_ms": max(s["p99_ms"] for s in slices),
-        **result,
+        "slices": slices,
     }
     print(
         f"soak {args.seconds:.0f} s at {rate:.0f}/s: {totals}; worst p99 of a slice "

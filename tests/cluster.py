@@ -19,7 +19,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from servers import free_port, session_processes
+from servers import free_port, replicas, session_processes
 
 RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_IP = "127.0.0.2"
@@ -41,11 +41,7 @@ class Node:
         return next(pid for pid, cmd in self.pids().items() if "/raylet " in cmd.split("--")[0])
 
     def replicas(self) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
-        for pid, cmd in sorted(self.pids().items()):
-            if "ServeReplica:multimed:" in cmd:
-                out.setdefault(cmd.split("ServeReplica:multimed:")[1].split()[0], []).append(pid)
-        return out
+        return replicas(self.process.pid)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from multimed.client import MultiMedClient
 from multimed.services.server import wait_serving
@@ -155,14 +156,24 @@ def session_processes(sid: int) -> dict[int, str]:
     return out
 
 
-def replicas(server) -> dict[str, list[int]]:
-    """Deployment name -> pids of its replica processes, from the server's session (its embedded
-    Ray is local-only, so another process on this host cannot join it as a driver to ask)."""
+def replicas(sid: int) -> dict[str, list[int]]:
+    """Deployment name -> pids of its replica processes in session `sid` (a server's, or a Ray
+    node's): an embedded Ray is local-only, so another process cannot join it as a driver."""
     out: dict[str, list[int]] = {}
-    for pid, cmd in sorted(session_processes(server.process.pid).items()):
+    for pid, cmd in sorted(session_processes(sid).items()):
         if "ServeReplica:multimed:" in cmd:
             out.setdefault(cmd.split("ServeReplica:multimed:")[1].split()[0], []).append(pid)
     return out
+
+
+def health(url: str, service: str = "") -> int | None:
+    """grpc.health.v1's status for `service` on a plaintext port; None when the call fails."""
+    with grpc.insecure_channel(url) as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+        except grpc.RpcError:
+            return None
 
 
 def rss_bytes(pids) -> int:

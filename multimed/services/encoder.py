@@ -18,7 +18,7 @@ from multimed.models.modalities.base import Batch
 from multimed.models.modalities.registry import build_pipeline
 from multimed.services.config import BatchConfig, EncoderBackend
 from multimed.services.errors import Expired, ModelFault
-from multimed.services.memory import check_memory
+from multimed.services.memory import MemoryLimited
 from multimed.services.remote import TritonEncoder
 from multimed.services.types import Embedding
 
@@ -31,7 +31,7 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-class Encoder:
+class Encoder(MemoryLimited):
     async def __init__(
         self,
         modality: str,
@@ -59,10 +59,6 @@ class Encoder:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.reconfigure(BatchConfig().model_dump())
         log.info("encoder %s ready on %s (bundle %s)", modality, where, self.bundle_version)
-
-    def check_health(self) -> None:
-        """Serve calls it every health_check_period_s; raising makes Serve replace the replica."""
-        check_memory(self.memory_limit_mb)
 
     def reconfigure(self, user_config: dict) -> None:
         config = BatchConfig.model_validate(user_config)

@@ -26,6 +26,16 @@ def resident_bytes() -> int:
         return 0
 
 
+class MemoryLimited:
+    """For a replica class: Serve calls `check_health` every health_check_period_s, and raising
+    makes it replace the replica. Set `memory_limit_mb` in __init__."""
+
+    memory_limit_mb: float | None = None
+
+    def check_health(self) -> None:
+        check_memory(self.memory_limit_mb)
+
+
 def check_memory(limit_mb: float | None) -> None:
     """Raises OverMemoryLimit past the limit (None: no limit)."""
     if limit_mb is None:

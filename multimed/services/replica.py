@@ -21,7 +21,7 @@ from multimed.services.dataplane import DataPlane
 from multimed.services.frontends.auth import Tokens
 from multimed.services.frontends.grpc_common import Door, Readiness
 from multimed.services.frontends.grpc_server import start_listener
-from multimed.services.memory import check_memory
+from multimed.services.memory import MemoryLimited
 from multimed.services.metrics import serve_metrics
 from multimed.services.router import Router
 from multimed.services.triton import encoder_signature
@@ -32,7 +32,7 @@ DRAIN_S = 5.0  # grace for calls in flight at shutdown
 RUNNING = "RUNNING"  # Serve's ReplicaState is a str enum; its class is private
 
 
-class RouterReplica:
+class RouterReplica(MemoryLimited):
     async def __init__(
         self,
         encoders: dict,
@@ -106,10 +106,6 @@ class RouterReplica:
                 )
             self.router.down = frozenset(self.router.encoders) - live
             await self.listener.set_readiness(Readiness(True, live))
-
-    def check_health(self) -> None:
-        """Serve calls it every health_check_period_s; raising makes Serve replace the replica."""
-        check_memory(self.memory_limit_mb)
 
     def serving(self) -> bool:
         """Whether this replica's listener reports SERVING (`multimed serve` waits on it); a

@@ -133,7 +133,7 @@ def test_second_task_on_same_inputs_hits_the_embedding_cache(server, client):
 
 
 def test_xray_scales_independently_and_both_replicas_work(server):
-    counts = {name: len(pids) for name, pids in replicas(server).items()}
+    counts = {name: len(pids) for name, pids in replicas(server.process.pid).items()}
     assert counts["encoder-xray"] == 2
     assert len(counts) == 11 and all(n == 1 for d, n in counts.items() if d != "encoder-xray")
 

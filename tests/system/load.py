@@ -47,15 +47,13 @@ async def load(
     how: ClosedLoop | OpenLoop,
     timeout_s: float,
     retries: bool = False,
-    progress=None,
 ) -> Stats:
     """Every request in `sent` once (an open loop: all sent in len/rate seconds, none held back
-    for lack of an outstanding slot); `retries`: the SDK's default retry policy; `progress`: a
-    stream for the driver's progress bar."""
+    for lack of an outstanding slot); `retries`: the SDK's default retry policy."""
     duration = len(sent) / how.rate_rps + 1 if isinstance(how, OpenLoop) else 600
     plan = Plan((prepare(MULTIMED, task, sent),), how, Bounds(duration, len(sent)), None, timeout_s)
     channel = ChannelSettings(server.url, server.token, retries=retries)
-    return (await run_async(channel, MULTIMED, plan, progress)).overall
+    return (await run_async(channel, MULTIMED, plan)).overall
 
 
 def open_loop(rate: float, n: int) -> OpenLoop:

@@ -14,9 +14,9 @@ import grpc
 import pytest
 import yaml
 from cluster import Cluster, ray_cluster
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from load import SCRNA_TASK, XRAY_TASK, ClosedLoop, codes, inputs, load, open_loop
-from servers import Server, running_server, serve_config
+from servers import Server, health, running_server, serve_config
 
 from multimed.models.catalog import CATALOG
 
@@ -53,18 +53,9 @@ def served(cluster: Cluster, bundle, cohort, tmp_path_factory) -> Server:
         yield Server(url, metrics_url, bundle, cohort, process)
 
 
-def _health(url: str, service: str = "") -> int:
-    with grpc.insecure_channel(url) as channel:
-        request = health_pb2.HealthCheckRequest(service=service)
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
-        except grpc.RpcError:
-            return -1
-
-
 def _all_serving(url: str) -> bool:
-    return all(_health(url, f"task/{t}") == SERVING for t in CATALOG.tasks) and (
-        _health(url) == SERVING
+    return all(health(url, f"task/{t}") == SERVING for t in CATALOG.tasks) and (
+        health(url) == SERVING
     )
 
 

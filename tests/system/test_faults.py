@@ -7,20 +7,13 @@ import os
 import signal
 import time
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from load import SCRNA_TASK, XRAY_TASK, ClosedLoop, codes, inputs, load
-from servers import replicas
+from servers import health, replicas
 
 
 def _xray_replicas(server) -> list[int]:
-    return replicas(server).get("encoder-xray", [])
-
-
-def _health(url: str, service: str) -> int:
-    with grpc.insecure_channel(url) as channel:
-        request = health_pb2.HealthCheckRequest(service=service)
-        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+    return replicas(server.process.pid).get("encoder-xray", [])
 
 
 async def _kill_under_load(server, victim: int):
@@ -69,14 +62,14 @@ def test_health_follows_the_encoders(server):
         os.kill(pid, signal.SIGKILL)
     seen_down = None
     while time.monotonic() - killed_at < 30:
-        if _health(server.url, f"task/{XRAY_TASK}") == not_serving:
+        if health(server.url, f"task/{XRAY_TASK}") == not_serving:
             seen_down = time.monotonic() - killed_at
-            assert _health(server.url, f"task/{SCRNA_TASK}") == serving
-            assert _health(server.url, "") == serving
+            assert health(server.url, f"task/{SCRNA_TASK}") == serving
+            assert health(server.url, "") == serving
             break
         time.sleep(0.2)
     assert seen_down is not None, "X-ray task never reported NOT_SERVING"
-    while _health(server.url, f"task/{XRAY_TASK}") != serving:
+    while health(server.url, f"task/{XRAY_TASK}") != serving:
         assert time.monotonic() - killed_at < 60, "X-ray task not SERVING again in 60 s"
         time.sleep(0.5)
     print(

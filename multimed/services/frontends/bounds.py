@@ -25,7 +25,7 @@ def _skeleton(root: Descriptor):
     package = "multimed.skeleton." + root.full_name.replace(".", "_")
     file = descriptor_pb2.FileDescriptorProto(name=f"{package}.proto", package=package)
     file.syntax = "proto3"
-    kept: dict[str, str] = {}  # original full name -> skeleton name
+    kept: set[str] = set()  # full names of the messages the skeleton keeps
 
     def name(d: Descriptor) -> str:
         return d.full_name.replace(".", "_")
@@ -53,7 +53,7 @@ def _skeleton(root: Descriptor):
                 )
         if not message.field:
             return False
-        kept[d.full_name] = message.name
+        kept.add(d.full_name)
         file.message_type.append(message)
         return True
 

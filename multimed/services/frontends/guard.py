@@ -87,8 +87,7 @@ class Guard(grpc.aio.ServerInterceptor):
         key = (details.method, name)
         wrapped = self.wrapped.get(key)
         if wrapped is None:
-            precheck = self.prechecks.get(_message_name(handler))
-            wrapped = self.wrapped[key] = _handler(handler, name, precheck)
+            wrapped = self.wrapped[key] = _handler(handler, name, self.prechecks)
         return wrapped
 
 
@@ -100,14 +99,16 @@ def _message_name(handler) -> str:
     return getattr(descriptor, "full_name", "request")
 
 
-def _handler(handler, token_name: str | None, precheck: Precheck | None = None):
+def _handler(handler, token_name: str | None, prechecks: dict[str, Precheck]):
     """The same kind of handler, reading raw bytes, wrapped as the module docstring says;
-    `token_name` None: the token was refused, answered without reading the request."""
+    `token_name` None: the token was refused, answered without reading the request;
+    `prechecks`: by request message name."""
     original = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
     deserializer = handler.request_deserializer
     what = _message_name(handler)
+    precheck = prechecks.get(what)
 
     async def request_of(request, context):
         """The parsed request (unary) or a parsing iterator (streaming); aborts when denied."""
