@@ -184,6 +184,75 @@ def _predict(args) -> int:
     return 0
 
 
+def _study(args) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from multimed.client import MultiMedClient
+
+    try:
+        with MultiMedClient(**_client_options(args)) as client:
+            response = client.predict_study(
+                args.pacs,
+                args.study,
+                args.task or (),
+                _predict_inputs(args),
+                store_sr=args.store_sr,
+                timeout=args.timeout,
+            )
+    except grpc.RpcError as e:
+        print(f"multimed study: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    if args.fhir_out:
+        bundle = json.loads(response.fhir_bundle)
+        args.fhir_out.write_text(json.dumps(bundle, indent=2))
+    if args.json:
+        doc = MessageToDict(response, preserving_proto_field_name=True)
+        doc.pop("fhir_bundle", None)  # --fhir-out writes it
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"study       {response.study_instance_uid}  (request {response.request_id})")
+    for a in response.answers:
+        p = a.prediction
+        predicted = "".join(t.label for t in p.tokens) if p.tokens else ", ".join(p.predicted)
+        print(f"  {p.task:38s} {predicted or '-'}   ({', '.join(p.modalities_used)})")
+    for s in response.skipped:
+        print(f"  {s.task:38s} skipped: {s.message}")
+    for s in response.series:
+        use = s.modality or f"not used: {s.ignored_reason}"
+        print(f"series {s.series_number:>4d} {s.dicom_modality:4s} {s.instances:4d} inst.  {use}")
+    if response.HasField("sr"):
+        sr = response.sr
+        print(f"SR          {'stored ' + sr.sop_instance_uid if sr.stored else sr.message}")
+    if response.HasField("fhir"):
+        f = response.fhir
+        print(f"FHIR        {'sent' if f.sent else 'NOT sent: ' + f.message} ({f.attempts} tries)")
+    print(f"bundle      {response.bundle_version}   server {response.timing.server_ms:.0f} ms")
+    return 0
+
+
+def _pacs_upload(args) -> int:
+    from tqdm import tqdm
+
+    from multimed.services.config import load_serve_config
+    from multimed.services.frontends.hospital.pacs import Pacs, dicom_files, upload
+
+    settings = load_serve_config(args.config).app.args.hospital().pacs
+    if args.pacs not in settings:
+        known = ", ".join(sorted(settings)) or "none"
+        raise ValueError(f"no PACS {args.pacs!r} in {args.config}; configured: {known}")
+    pacs = Pacs(args.pacs, settings[args.pacs])
+    files = list(dicom_files(args.dir))
+    if not files:
+        raise ValueError(f"no DICOM files under {args.dir}")
+    with tqdm(total=len(files), unit="file", desc=args.pacs, disable=args.no_progress) as bar:
+        stored, failed = upload(pacs, files, bar.update)
+    print(f"stored {stored} instances in {args.pacs}; {len(failed)} refused")
+    for path, reason in failed[:20]:
+        print(f"  refused {path}: {reason}", file=sys.stderr)
+    return 0 if not failed else 1
+
+
 def _loadtest(args) -> int:
     from multimed.client import loadtest
     from multimed.client.channel import ChannelSettings
@@ -342,6 +411,31 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{m.id}", metavar="VALUE", help=f"{m.description}: file or text ({forms})"
         )
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("study", help="answer a study in a PACS the server has configured")
+    p.add_argument("--pacs", required=True, help="a PACS name from the server's config")
+    p.add_argument("--study", required=True, help="Study Instance UID")
+    p.add_argument("--task", action="append", help="repeatable; default: every task it can")
+    _add_client_arguments(p)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--store-sr", action="store_true", help="store a DICOM SR into the study")
+    p.add_argument("--fhir-out", type=Path, help="write the FHIR R4 bundle here")
+    p.add_argument("--json", action="store_true")
+    for m in CATALOG.modalities.values():
+        if "dicom" not in m.forms and "dicom_series" not in m.forms:
+            p.add_argument(f"--{m.id}", metavar="VALUE", help=f"{m.description}, sent along")
+        else:
+            p.set_defaults(**{m.id: None})
+    p.set_defaults(func=_study)
+
+    p = sub.add_parser("pacs", help="work with a PACS from the serve config")
+    pacs = p.add_subparsers(dest="pacs_command", required=True)
+    p = pacs.add_parser("upload", help="store a DICOM folder (a cohort) by STOW-RS")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--pacs", required=True, help="a PACS name in the config's args.pacs")
+    p.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_pacs_upload)
 
     p = sub.add_parser("loadtest", help="load a running server; latency, throughput, errors")
     _add_client_arguments(p)

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from servers import Server, running_server, serve_config
+from hospital import fhir_receiver, running_orthanc
+from servers import Server, free_port, running_server, serve_config
 
 from multimed.models.cohort.writer import write_cohort
 from multimed.models.config import ModelConfig
@@ -29,8 +30,30 @@ def cohort(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, bundle, cohort) -> Server:
+def orthanc(tmp_path_factory):
+    """A real PACS (Orthanc + DICOMweb), configured as `main` on the session's server."""
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as pacs:
+        yield pacs
+
+
+@pytest.fixture(scope="session")
+def fhir(tmp_path_factory):
+    """-> (FhirReceiver, token file): the session server's FHIR endpoint."""
+    with fhir_receiver(tmp_path_factory.mktemp("fhir")) as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, bundle, cohort, orthanc, fhir) -> Server:
     work = tmp_path_factory.mktemp("server")
-    config = serve_config(work / "serve_config.yaml", bundle)
+    receiver, fhir_token = fhir
+    hospital = {
+        "pacs": {
+            "main": orthanc.pacs_config(),
+            "down": {"url": f"http://127.0.0.1:{free_port()}/dicom-web", "timeout_s": 2},
+        },
+        "fhir": {"url": receiver.url, "token_file": str(fhir_token), "attempts": 3},
+    }
+    config = serve_config(work / "serve_config.yaml", bundle, hospital=hospital)
     with running_server(work, config) as (url, metrics_url, process):
         yield Server(url, metrics_url, bundle, cohort, process)

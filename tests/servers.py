@@ -51,13 +51,17 @@ class Server:
         return sorted(p for p in self.cohort.iterdir() if p.is_dir())
 
 
-def serve_config(path: Path, bundle: Path, encoders: dict | None = None) -> Path:
-    """deploy/serve_config.yaml for tests: X-ray at two replicas; `encoders`: backends."""
+def serve_config(
+    path: Path, bundle: Path, encoders: dict | None = None, hospital: dict | None = None
+) -> Path:
+    """deploy/serve_config.yaml for tests: X-ray at two replicas; `encoders`: backends;
+    `hospital`: args such as pacs and fhir."""
     config = yaml.safe_load(Path("deploy/serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"]["bundle"] = str(bundle)
     if encoders:
         app["args"]["encoders"] = encoders
+    app["args"].update(hospital or {})
     for d in app["deployments"]:
         if d["name"] == "encoder-xray":
             d["num_replicas"] = 2

@@ -67,6 +67,7 @@ class _Calls:
         )
         self.channel = type(self).open_channel(settings)
         self.stub = pb_grpc.MultiMedStub(self.channel)
+        self.hospital = pb_grpc.HospitalStub(self.channel)
         self.metadata = settings.metadata()
 
     def predict(
@@ -81,6 +82,29 @@ class _Calls:
         """-> PredictResponse. `explain`: per-modality contributions."""
         request = predict_request(task, inputs, request_id, explain)
         return self.stub.Predict(request, timeout=timeout, metadata=self.metadata)
+
+    def predict_study(
+        self,
+        pacs: str,
+        study_uid: str,
+        tasks: Iterable[str] = (),
+        inputs: Mapping[str, InputValue] | None = None,
+        *,
+        store_sr: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = 300,
+    ):
+        """-> PredictStudyResponse: every task (or those named) the study in the server's
+        configured PACS `pacs` can answer; `inputs` ride along (a note, a question, an EEG)."""
+        request = pb.PredictStudyRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            pacs=pacs,
+            study_instance_uid=study_uid,
+            tasks=list(tasks),
+            inputs=[to_input(m, v) for m, v in (inputs or {}).items()],
+            store_sr=store_sr,
+        )
+        return self.hospital.PredictStudy(request, timeout=timeout, metadata=self.metadata)
 
     def predict_stream(self, requests: Iterable[pb.PredictRequest], timeout: float | None = None):
         """-> PredictResponses as they are ready, matched by request_id."""

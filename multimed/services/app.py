@@ -57,6 +57,7 @@ def build(config: ApplicationConfig) -> Application:
         args.metrics_port,
         args.cache_mb,
         args.memory_limit_mb,
+        args.hospital().model_dump(),
     )
 
 

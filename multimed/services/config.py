@@ -4,6 +4,7 @@ is a clear error rather than a silently ignored one."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,10 @@ def encoder_deployment(modality: str) -> str:
 
 
 DEPLOYMENT_NAMES = (ROUTER, *(encoder_deployment(m) for m in CATALOG.modalities))
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
 
 
 class Strict(BaseModel):
@@ -110,21 +115,81 @@ class GatewaySettings(Strict):
         """The same settings with every file path absolute: replicas may start in another
         working directory."""
 
-        def absolute(path: str | None) -> str | None:
-            return None if path is None else str(Path(path).resolve())
-
         tls = self.tls
         if tls is not None:
             tls = TLSSettings(
-                cert=absolute(tls.cert), key=absolute(tls.key), client_ca=absolute(tls.client_ca)
+                cert=_absolute(tls.cert), key=_absolute(tls.key), client_ca=_absolute(tls.client_ca)
             )
         return self.model_copy(
             update={
-                "token_file": absolute(self.token_file),
-                "audit_log": absolute(self.audit_log),
+                "token_file": _absolute(self.token_file),
+                "audit_log": _absolute(self.audit_log),
                 "tls": tls,
             }
         )
+
+
+class PacsSettings(Strict):
+    """A PACS the server may read studies from and store results into, over DICOMweb. Clients
+    name it; the server never fetches from a URL a client sends."""
+
+    url: str  # DICOMweb base URL, e.g. http://pacs:8042/dicom-web
+    username: str | None = None  # HTTP basic authentication, with the password from a file
+    password_file: str | None = None
+    timeout_s: float = Field(30.0, gt=0)  # per HTTP request
+    ca: str | None = None  # PEM CA bundle for an https URL (default: the system's roots)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> PacsSettings:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+
+class FhirSettings(Strict):
+    """The FHIR server that study results are POSTed to, as R4 transaction bundles."""
+
+    url: str  # the FHIR base URL
+    token_file: str | None = None  # its first line is sent as "Authorization: Bearer ..."
+    timeout_s: float = Field(30.0, gt=0)
+    attempts: int = Field(4, ge=1, le=20)  # with exponential backoff between them
+
+
+class SeriesRule(Strict):
+    """Routes a study's series to a modality when every field given matches; rules are tried in
+    order before the default table (DICOM Modality: DX/CR -> xray, CT -> ct, MR -> mri,
+    OPT -> oct, SM -> pathology). `modality: ignore` leaves matching series out."""
+
+    modality: str
+    dicom_modality: list[str] | None = None  # e.g. [DX, CR]
+    description: str | None = None  # a regular expression searched in Series Description
+    body_part: list[str] | None = None  # Body Part Examined values, e.g. [CHEST]
+
+    @field_validator("modality")
+    @classmethod
+    def _known(cls, modality: str) -> str:
+        if modality != "ignore" and modality not in CATALOG.modalities:
+            known = ", ".join(CATALOG.modalities)
+            raise ValueError(f"unknown modality {modality!r}; known: {known}, or ignore")
+        return modality
+
+    @field_validator("description")
+    @classmethod
+    def _regex(cls, description: str | None) -> str | None:
+        if description is not None:
+            try:
+                re.compile(description)
+            except re.error as e:
+                raise ValueError(f"description is not a regular expression: {e}") from None
+        return description
+
+
+class HospitalSettings(Strict):
+    """What the hospital door reads (`AppArgs.hospital()`): PACS, FHIR endpoint, series rules."""
+
+    pacs: dict[str, PacsSettings] = Field(default_factory=dict)
+    fhir: FhirSettings | None = None
+    series_rules: list[SeriesRule] = Field(default_factory=list)
 
 
 class AppArgs(Strict):
@@ -140,6 +205,23 @@ class AppArgs(Strict):
     gateway: GatewaySettings = GatewaySettings()
     metrics_port: int | None = Field(8002, ge=0, le=65535)  # None: no /metrics endpoint
     encoders: dict[str, EncoderBackend] = Field(default_factory=dict)  # by modality; default torch
+    pacs: dict[str, PacsSettings] = Field(default_factory=dict)  # by the name clients use
+    fhir: FhirSettings | None = None  # None: study results are returned, not sent
+    series_rules: list[SeriesRule] = Field(default_factory=list)
+
+    def hospital(self) -> HospitalSettings:
+        """The hospital door's settings, every file path absolute (replicas may start in
+        another working directory)."""
+        pacs = {
+            name: p.model_copy(
+                update={"password_file": _absolute(p.password_file), "ca": _absolute(p.ca)}
+            )
+            for name, p in self.pacs.items()
+        }
+        fhir = self.fhir
+        if fhir is not None:
+            fhir = fhir.model_copy(update={"token_file": _absolute(fhir.token_file)})
+        return HospitalSettings(pacs=pacs, fhir=fhir, series_rules=self.series_rules)
 
     @field_validator("encoders")
     @classmethod

@@ -25,6 +25,15 @@ class ModelFault(e.MultiMedError):
     with a message that names the model but no value."""
 
 
+class StudyNotFound(e.MultiMedError):
+    """A PACS holds no such study (NOT_FOUND)."""
+
+
+class PacsUnavailable(e.BackendUnavailable):
+    """A configured PACS or FHIR server failed, refused us or did not answer in time
+    (UNAVAILABLE); the message names it."""
+
+
 class Expired(e.MultiMedError, TimeoutError):
     """An item's deadline passed before its encoder ran it: dropped unrun."""
 
@@ -58,6 +67,7 @@ class Status(Enum):
 STATUS: tuple[tuple[type[BaseException], Status], ...] = (
     (ProtocolError, Status.INVALID_ARGUMENT),
     (ModelNotFound, Status.NOT_FOUND),
+    (StudyNotFound, Status.NOT_FOUND),
     (e.InputError, Status.INVALID_ARGUMENT),
     (e.UnknownTask, Status.INVALID_ARGUMENT),
     (e.UnknownModality, Status.INVALID_ARGUMENT),

@@ -16,7 +16,7 @@ from multimed.models.modalities.registry import build_pipelines
 from multimed.models.tasks import TaskModels
 from multimed.services import metrics
 from multimed.services.audit import AuditLog
-from multimed.services.config import GatewaySettings, encoder_deployment
+from multimed.services.config import GatewaySettings, HospitalSettings, encoder_deployment
 from multimed.services.dataplane import DataPlane
 from multimed.services.frontends.auth import Tokens
 from multimed.services.frontends.grpc_common import Door, Readiness
@@ -43,6 +43,7 @@ class RouterReplica(MemoryLimited):
         metrics_port: int | None = None,
         cache_mb: float = 256,
         memory_limit_mb: float | None = None,
+        hospital: dict | None = None,
     ):
         torch.set_num_threads(1)
         self.memory_limit_mb = memory_limit_mb
@@ -62,7 +63,8 @@ class RouterReplica(MemoryLimited):
         }
         # With tokens on, /metrics asks for one too (the same file, or MULTIMED_TOKEN).
         tokens = Tokens(settings.token_file)
-        self.listener = await start_listener(Door(plane, signatures), tokens)
+        door = Door(plane, signatures, HospitalSettings.model_validate(hospital or {}))
+        self.listener = await start_listener(door, tokens)
         if metrics_port is not None:
             try:
                 allowed = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from io import BytesIO
 
 import numpy as np
@@ -248,6 +249,38 @@ def _spatial_order(datasets: list[Dataset], modality: str) -> list[Dataset]:
 # --- writing ---
 
 
+@dataclass(frozen=True)
+class SeriesInfo:
+    """Who and what a written series belongs to: its patient, its study and its place there. A
+    UID left empty is generated; with a series UID given, instance UIDs derive from it, so
+    writing the same series again gives the same instances (a PACS keeps one copy)."""
+
+    patient_id: str = "ANONYMOUS"
+    patient_name: str = ""
+    study_uid: str = ""
+    study_date: str = ""  # YYYYMMDD
+    accession_number: str = ""
+    series_uid: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+
+    def instance_uid(self, index: int) -> str:
+        return generate_uid(entropy_srcs=[self.series_uid, str(index)]) if self.series_uid else ""
+
+    def apply(self, ds: Dataset, index: int) -> None:
+        ds.PatientID, ds.PatientName = self.patient_id, self.patient_name
+        ds.StudyDate, ds.AccessionNumber = self.study_date, self.accession_number
+        if self.series_number is not None:
+            ds.SeriesNumber = self.series_number
+        if self.series_description:
+            ds.SeriesDescription = self.series_description
+        if uid := self.instance_uid(index):
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+
+
+NEW_SERIES = SeriesInfo()  # an anonymous patient, new study and series UIDs
+
+
 def _quantise(values: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Float modality values -> (stored ints, slope, intercept). Integer data that fits int16 is
     stored exactly (as CT HU usually is); anything else spans uint16 linearly."""
@@ -294,7 +327,7 @@ def _dataset(
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.Modality = modality_code
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.PatientID, ds.ConversionType = "ANONYMOUS", "WSD"
+    ds.ConversionType = "WSD"
     if rgb:
         ds.set_pixel_data(np.clip(np.round(image), 0, 255).astype(np.uint8), "RGB", 8)
     else:
@@ -323,6 +356,7 @@ def write_dicom(
     *,
     monochrome1: bool = False,
     window: tuple[float, float] | None = None,
+    series: SeriesInfo = NEW_SERIES,
 ) -> bytes:
     """Float values in modality units -> one DICOM file (Explicit VR Little Endian).
 
@@ -335,20 +369,26 @@ def write_dicom(
         modality_code,
         monochrome1=monochrome1,
         window=window,
-        study_uid=generate_uid(),
-        series_uid=generate_uid(),
+        study_uid=series.study_uid or generate_uid(),
+        series_uid=series.series_uid or generate_uid(),
     )
+    series.apply(ds, 0)
     return _to_bytes(ds)
 
 
 def write_dicom_series(
-    volume: np.ndarray, modality_code: str, *, slice_thickness_mm: float = 1.0
+    volume: np.ndarray,
+    modality_code: str,
+    *,
+    slice_thickness_mm: float = 1.0,
+    series: SeriesInfo = NEW_SERIES,
 ) -> list[bytes]:
     """[D, H, W] in modality units -> one DICOM file per slice of one axial series."""
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise ValueError(f"volume must be [D, H, W], got shape {volume.shape}")
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    study_uid = series.study_uid or generate_uid()
+    series_uid, frame_uid = series.series_uid or generate_uid(), generate_uid()
     # One rescale for the whole volume so every slice is quantised alike.
     stored, slope, intercept = _quantise(volume.astype(np.float64))
     window = _full_range_window(volume)
@@ -369,5 +409,6 @@ def write_dicom_series(
         ds.ImagePositionPatient = ["0", "0", format_number_as_ds(i * slice_thickness_mm)]
         ds.SliceThickness = format_number_as_ds(slice_thickness_mm)
         ds.PixelSpacing = [1, 1]
+        series.apply(ds, i)
         files.append(_to_bytes(ds))
     return files

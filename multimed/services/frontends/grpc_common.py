@@ -11,6 +11,7 @@ from typing import TypeVar
 import grpc
 
 from multimed.models.catalog import TaskSpec
+from multimed.services.config import HospitalSettings
 from multimed.services.dataplane import CallInfo, DataPlane, Outcome
 from multimed.services.errors import Status
 from multimed.services.offload import OFFLOAD_BYTES, off_loop_if
@@ -57,6 +58,7 @@ class Door:
 
     plane: DataPlane  # its settings are the listener's
     signatures: dict[str, EncoderSignature]  # each modality's encoder signature
+    hospital: HospitalSettings = field(default_factory=HospitalSettings)  # PACS, FHIR, rules
     services: list[str] = field(default_factory=list)  # full names, for health and reflection
     open_methods: list[str] = field(default_factory=list)  # method paths that need no token
     hooks: list[Callable[[Readiness], None]] = field(default_factory=list)

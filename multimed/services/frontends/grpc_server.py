@@ -23,13 +23,14 @@ from multimed.services.config import GatewaySettings, TLSSettings
 from multimed.services.frontends.auth import Tokens
 from multimed.services.frontends.grpc_common import NOT_READY, Door, Readiness
 from multimed.services.frontends.guard import Guard
+from multimed.services.frontends.hospital import servicer as hospital
 from multimed.services.frontends.multimed_v1 import servicer as multimed_v1
 from multimed.services.frontends.oip import servicer as oip
 
 log = logging.getLogger("multimed.listener")
 
 # One line per protocol: each `register(server, door)` adds its servicer and names its service.
-FRONT_DOORS = (multimed_v1.register, oip.register)
+FRONT_DOORS = (multimed_v1.register, oip.register, hospital.register)
 # Probes answer without a token (reflection needs one when tokens are on).
 OPEN_PREFIXES = ("/grpc.health.v1.",)
 
