@@ -231,17 +231,24 @@ def _study(args) -> int:
     return 0
 
 
-def _pacs_upload(args) -> int:
-    from tqdm import tqdm
-
+def _configured_pacs(args):
+    """The PACS named by --pacs, as --config (the serve config) describes it."""
     from multimed.services.config import load_serve_config
-    from multimed.services.frontends.hospital.pacs import Pacs, dicom_files, upload
+    from multimed.services.frontends.hospital.pacs import Pacs
 
     settings = load_serve_config(args.config).app.args.hospital().pacs
     if args.pacs not in settings:
         known = ", ".join(sorted(settings)) or "none"
         raise ValueError(f"no PACS {args.pacs!r} in {args.config}; configured: {known}")
-    pacs = Pacs(args.pacs, settings[args.pacs])
+    return Pacs(args.pacs, settings[args.pacs])
+
+
+def _pacs_upload(args) -> int:
+    from tqdm import tqdm
+
+    from multimed.services.frontends.hospital.pacs import dicom_files, upload
+
+    pacs = _configured_pacs(args)
     files = list(dicom_files(args.dir))
     if not files:
         raise ValueError(f"no DICOM files under {args.dir}")
@@ -251,6 +258,52 @@ def _pacs_upload(args) -> int:
     for path, reason in failed[:20]:
         print(f"  refused {path}: {reason}", file=sys.stderr)
     return 0 if not failed else 1
+
+
+def _watch(args) -> int:
+    import signal
+
+    from multimed.client import MultiMedClient
+    from multimed.services.frontends.hospital import watch
+
+    state = watch.State(args.state)
+    try:
+        if args.status or args.retry_failed:
+            if args.retry_failed:
+                print(f"{state.retry_failed(args.pacs)} failed studies will be tried again")
+            for study, st, attempts, error, updated in state.rows(args.pacs):
+                print(f"{updated}  {st:8s} {attempts:2d}  {study}  {error}")
+            return 0
+        pacs = _configured_pacs(args)
+        source = (
+            watch.OrthancChanges(pacs, pacs.settings.orthanc_url)
+            if pacs.settings.orthanc_url
+            else watch.QidoPolling(pacs, args.stable_s)
+        )
+        with MultiMedClient(**_client_options(args)) as client:
+
+            def predict(study: str) -> str:
+                response = client.predict_study(
+                    args.pacs, study, args.task or (), store_sr=True, timeout=args.timeout
+                )
+                return watch.summary(response)
+
+            watcher = watch.Watcher(
+                args.pacs, source, state, predict, lambda line: print(line, flush=True)
+            )
+
+            def stop(*_):
+                print("stopping after the study in hand (Ctrl-C again to abort)", flush=True)
+                watcher.stopping = True
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+            signal.signal(signal.SIGINT, stop)
+            signal.signal(signal.SIGTERM, stop)
+            print(f"watching PACS {args.pacs} (state in {args.state})", flush=True)
+            watcher.run()
+        return 0
+    finally:
+        state.close()
 
 
 def _loadtest(args) -> int:
@@ -436,6 +489,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_pacs_upload)
+
+    p = sub.add_parser("watch", help="answer each new study of a PACS once (SR + FHIR)")
+    p.add_argument("--pacs", required=True, help="a PACS name in the config's args.pacs")
+    p.add_argument("--task", action="append", help="repeatable; default: every task it can")
+    p.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
+    p.add_argument("--state", type=Path, default=Path("multimed-watch.sqlite"))
+    p.add_argument("--status", action="store_true", help="list the studies seen and stop")
+    p.add_argument("--retry-failed", action="store_true", help="try failed studies again")
+    p.add_argument("--stable-s", type=float, default=60, help="QIDO polling: quiet seconds")
+    p.add_argument("--timeout", type=float, default=300)
+    _add_client_arguments(p)
+    p.set_defaults(func=_watch)
 
     p = sub.add_parser("loadtest", help="load a running server; latency, throughput, errors")
     _add_client_arguments(p)

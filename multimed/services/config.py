@@ -138,6 +138,9 @@ class PacsSettings(Strict):
     password_file: str | None = None
     timeout_s: float = Field(30.0, gt=0)  # per HTTP request
     ca: str | None = None  # PEM CA bundle for an https URL (default: the system's roots)
+    # Orthanc's REST API base (e.g. http://pacs:8042): `multimed watch` follows its changes
+    # feed. None: the watcher polls QIDO-RS for today's studies instead.
+    orthanc_url: str | None = None
 
     @model_validator(mode="after")
     def _credentials(self) -> PacsSettings:

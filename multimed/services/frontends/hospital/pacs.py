@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import pydicom
@@ -58,14 +59,30 @@ class Pacs:
             session.auth = (settings.username, password)
         if settings.ca is not None:
             session.verify = settings.ca
+        self.session = session  # also for Orthanc's own REST API (its changes feed)
         self.client = DICOMwebClient(settings.url, session=session, timeout=settings.timeout_s)
 
-    def _failed(self, doing: str, error: Exception) -> PacsUnavailable:
+    def unavailable(self, doing: str, error: Exception) -> PacsUnavailable:
         if isinstance(error, requests.HTTPError) and error.response is not None:
             why = f"answered HTTP {error.response.status_code}"
         else:
             why = f"failed ({type(error).__name__})"
         return PacsUnavailable(f"PACS {shown(self.name)} {why} while {doing}")
+
+    def studies_on(self, date: str) -> dict[str, int]:
+        """Study Instance UID -> instances, for the studies of one Study Date (YYYYMMDD)."""
+        try:
+            found = self.client.search_for_studies(
+                search_filters={"StudyDate": date},
+                fields=("NumberOfStudyRelatedInstances",),
+                get_remaining=True,
+            )
+        except (requests.RequestException, OSError) as e:
+            raise self.unavailable("searching studies", e) from None
+        return {
+            str(_value(s, "StudyInstanceUID")): int(_value(s, "NumberOfStudyRelatedInstances", 0))
+            for s in found
+        }
 
     def series(self, study_uid: str) -> list[SeriesRef]:
         """The study's series (QIDO-RS), by Series Number. StudyNotFound when it has none."""
@@ -74,7 +91,7 @@ class Pacs:
                 study_uid, fields=_SERIES_FIELDS, get_remaining=True
             )
         except (requests.RequestException, OSError) as e:
-            raise self._failed("listing a study's series", e) from None
+            raise self.unavailable("listing a study's series", e) from None
         if not found:
             raise StudyNotFound(f"PACS {shown(self.name)} has no study {shown(study_uid)}")
         refs = [
@@ -105,7 +122,7 @@ class Pacs:
                     raise SeriesTooBig(f"over {MAX_BYTES} bytes or {MAX_SERIES_FILES} files")
                 instances.append(ds)
         except (requests.RequestException, OSError) as e:
-            raise self._failed("retrieving a series", e) from None
+            raise self.unavailable("retrieving a series", e) from None
         return instances
 
     def store(self, datasets: Sequence[Dataset]) -> Stored:
@@ -114,7 +131,7 @@ class Pacs:
         try:
             answer = self.client.store_instances(list(datasets))
         except (requests.RequestException, OSError) as e:
-            raise self._failed("storing instances", e) from None
+            raise self.unavailable("storing instances", e) from None
         stored = tuple(
             str(item.ReferencedSOPInstanceUID)
             for item in (answer.get("ReferencedSOPSequence") or ())
@@ -127,6 +144,10 @@ class Pacs:
             for item in (answer.get("FailedSOPSequence") or ())
         )
         return Stored(stored, failed)
+
+
+def study_date_today() -> str:
+    return date.today().strftime("%Y%m%d")
 
 
 class SeriesTooBig(Exception):
