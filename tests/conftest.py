@@ -4,6 +4,7 @@ after the integration tier and kills replicas; each of its tests leaves the serv
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -44,13 +45,23 @@ def fhir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, bundle, cohort, orthanc, fhir) -> Server:
+def silent_port():
+    """A port that takes connections and never answers: a PACS too slow to wait for."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, bundle, cohort, orthanc, fhir, silent_port) -> Server:
     work = tmp_path_factory.mktemp("server")
     receiver, fhir_token = fhir
     hospital = {
         "pacs": {
             "main": orthanc.pacs_config(),
             "down": {"url": f"http://127.0.0.1:{free_port()}/dicom-web", "timeout_s": 2},
+            "slow": {"url": f"http://127.0.0.1:{silent_port}/dicom-web", "timeout_s": 2},
         },
         "fhir": {"url": receiver.url, "token_file": str(fhir_token), "attempts": 3},
     }

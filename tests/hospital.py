@@ -27,6 +27,14 @@ from servers import free_port
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 START_TIMEOUT_S = 30
+# A study with this accession number gets its SRs refused (the PACS's failed-SOP answer), as a
+# PACS with a storage rule would.
+REFUSE_SR_ACCESSION = "REFUSE-SR"
+_REFUSE_SR = f"""
+function ReceivedInstanceFilter(dicom, origin, info)
+  return not (dicom.Modality == "SR" and dicom.AccessionNumber == "{REFUSE_SR_ACCESSION}")
+end
+"""
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,9 @@ def running_orthanc(work: Path, stable_age_s: int = 2):
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "StableAge": stable_age_s,  # seconds without a new instance before a study is stable
     }
+    lua = work / "refuse-sr.lua"
+    lua.write_text(_REFUSE_SR)
+    config["LuaScripts"] = [str(lua)]
     config_file = work / "orthanc.json"
     config_file.write_text(json.dumps(config))
     config_file.chmod(0o600)

@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,7 @@ import yaml
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
 from fhir.resources.R4B.bundle import Bundle
+from hospital import REFUSE_SR_ACCESSION
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -179,22 +181,50 @@ def test_unknown_pacs_and_study(server, uploaded):
         with pytest.raises(grpc.RpcError) as e:
             client.predict_study("elsewhere", study_uid(server.patients[0]))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "unknown PACS 'elsewhere'; configured: down, main" in e.value.details()
+        assert "unknown PACS 'elsewhere'; configured: down, main, slow" in e.value.details()
         with pytest.raises(grpc.RpcError) as e:
             client.predict_study("main", generate_uid())
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_pacs_down_is_unavailable_naming_it(server):
+@pytest.mark.parametrize("pacs", ["down", "slow"])
+def test_pacs_down_or_slow_is_unavailable_naming_it(server, pacs):
+    """`down`: nothing listens; `slow`: it takes the connection and never answers (the PACS's
+    timeout_s is 2 s)."""
+    started = time.monotonic()
     with server.client() as client, pytest.raises(grpc.RpcError) as e:
-        client.predict_study("down", generate_uid())
+        client.predict_study(pacs, generate_uid(), timeout=30)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "PACS 'down'" in e.value.details()
+    assert f"PACS '{pacs}'" in e.value.details()
+    assert time.monotonic() - started < 10
 
 
 def _store(orthanc, datasets) -> None:
     answer = dicomweb(orthanc).store_instances(datasets)
     assert not answer.get("FailedSOPSequence")
+
+
+def test_a_refused_sr_is_reported_and_the_answers_stand(server, orthanc):
+    """The PACS drops this study's SRs (a storage rule keyed on its accession number; Orthanc's
+    DICOMweb still answers success): the answer says the SR was not stored, and still carries
+    the predictions."""
+    ds = pydicom.dcmread(server.patients[1] / "xray.dcm")
+    ds.StudyInstanceUID, ds.AccessionNumber = generate_uid(), REFUSE_SR_ACCESSION
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    _store(orthanc, [ds])
+    with server.client() as client:
+        response = client.predict_study(
+            "main", ds.StudyInstanceUID, tasks=["bone_age_classification"], store_sr=True
+        )
+    assert [a.prediction.task for a in response.answers] == ["bone_age_classification"]
+    assert not response.sr.stored
+    assert response.sr.message == (
+        "PACS 'main' refused the SR: it acknowledged the store but does not list the SR"
+    )
+    assert not dicomweb(orthanc).search_for_series(
+        ds.StudyInstanceUID, search_filters={"Modality": "SR"}
+    )
 
 
 def test_study_with_nothing_usable(server, orthanc):

@@ -14,6 +14,7 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from multimed.models.codecs.dicom import MAX_BYTES, MAX_SERIES_FILES
 from multimed.models.errors import shown
@@ -61,6 +62,9 @@ class Pacs:
             session.verify = settings.ca
         self.session = session  # also for Orthanc's own REST API (its changes feed)
         self.client = DICOMwebClient(settings.url, session=session, timeout=settings.timeout_s)
+        # Its default retries every failure 5 times with 2-16 s waits (30 s against a closed
+        # port, measured): a PACS that is down must be UNAVAILABLE at once; callers retry.
+        self.client.set_http_retry_params(retry=False)
 
     def unavailable(self, doing: str, error: Exception) -> PacsUnavailable:
         if isinstance(error, requests.HTTPError) and error.response is not None:
@@ -125,6 +129,16 @@ class Pacs:
             raise self.unavailable("retrieving a series", e) from None
         return instances
 
+    def holds(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        """Whether QIDO-RS lists this instance (a store's answer is not always the truth)."""
+        try:
+            found = self.client.search_for_instances(
+                study_uid, series_uid, search_filters={"SOPInstanceUID": sop_uid}
+            )
+        except (requests.RequestException, OSError) as e:
+            raise self.unavailable("checking a stored instance", e) from None
+        return bool(found)
+
     def store(self, datasets: Sequence[Dataset]) -> Stored:
         """Store instances (STOW-RS). The PACS's refusals come back in `failed`, named by SOP
         Instance UID and reason; a failed request raises PacsUnavailable."""
@@ -176,7 +190,7 @@ def upload(
             try:
                 ds = pydicom.dcmread(path)
                 datasets[str(ds.SOPInstanceUID)] = (path, ds)
-            except (pydicom.errors.InvalidDicomError, AttributeError, OSError) as e:
+            except (InvalidDicomError, AttributeError, OSError) as e:
                 refused.append((path, f"not readable DICOM ({type(e).__name__})"))
         if datasets:
             answer = pacs.store([ds for _, ds in datasets.values()])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from multimed.models.catalog import CATALOG, InputForm, OutputKind
 from multimed.models.errors import MissingModality, shown
@@ -222,7 +223,7 @@ class Studies:
             except SeriesTooBig as e:
                 uses[r.series.uid] = SeriesUse(r.series, "", f"not read: {e}")
                 continue
-            except (pydicom.errors.InvalidDicomError, ValueError, AttributeError) as e:
+            except (InvalidDicomError, ValueError, AttributeError) as e:
                 uses[r.series.uid] = SeriesUse(
                     r.series, "", f"not read: not valid DICOM ({type(e).__name__})"
                 )
@@ -279,19 +280,23 @@ class Studies:
         evidence = [ds for r in read.values() for ds in r.instances]
         try:
             sr = build_sr(findings, evidence)
+            sop, series = str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID)
             stored = await asyncio.to_thread(pacs.store, [sr])
-        except Exception as e:  # the PACS's refusal or trouble: reported in the answer
+            why = ""
+            if stored.failed or sop not in stored.stored:
+                why = stored.failed[0][1] if stored.failed else "not in its stored list"
+            # Orthanc 1.10's DICOMweb answers success for an instance its storage rules drop
+            # (seen here): the SR counts as stored once the PACS lists it.
+            elif not await asyncio.to_thread(pacs.holds, findings.study_uid, series, sop):
+                why = "it acknowledged the store but does not list the SR"
+        except Exception as e:  # the PACS's trouble, or an SR that cannot be written: reported
             status, message = to_status(e)
             if status is Status.INTERNAL:
                 log.exception("SR not stored")
                 message = f"SR not stored ({type(e).__name__})"
             return SrOutcome(False, message=message)
-        sop, series = str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID)
-        if stored.failed or sop not in stored.stored:
-            reason = stored.failed[0][1] if stored.failed else "not in the PACS's stored list"
-            return SrOutcome(
-                False, series, sop, f"PACS {shown(pacs.name)} refused the SR: {reason}"
-            )
+        if why:
+            return SrOutcome(False, series, sop, f"PACS {shown(pacs.name)} refused the SR: {why}")
         return SrOutcome(True, series, sop)
 
     async def _send(self, bundle: dict) -> FhirOutcome | None:
