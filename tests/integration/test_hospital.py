@@ -185,6 +185,12 @@ def test_unknown_pacs_and_study(server, uploaded):
         with pytest.raises(grpc.RpcError) as e:
             client.predict_study("main", generate_uid())
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        # Not a UID (it would steer the PACS URL): refused before any request to the PACS.
+        for bad in ("../../instances", "1.2.3?x=1", "1." + "2" * 80, ""):
+            with pytest.raises(grpc.RpcError) as e:
+                client.predict_study("main", bad)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "is not a DICOM UID" in e.value.details()
 
 
 @pytest.mark.parametrize("pacs", ["down", "slow"])

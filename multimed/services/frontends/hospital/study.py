@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -33,6 +34,9 @@ from multimed.services.frontends.hospital.sr import build_sr
 from multimed.services.types import PredictCall, PredictResult
 
 log = logging.getLogger("multimed.hospital")
+# A UID is digits and dots, at most 64 characters (PS3.5 9.1); leading zeros, which the standard
+# forbids, are let through: real archives hold such UIDs.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,9 @@ class Studies:
 
     async def predict(self, request: StudyRequest) -> StudyResult:
         pacs = self._pacs(request.pacs)
+        # The UID goes into the PACS's URL path: only a real UID, so no client steers the URL.
+        if len(request.study_uid) > 64 or not _UID.fullmatch(request.study_uid):
+            raise ProtocolError(f"study UID {shown(request.study_uid)} is not a DICOM UID")
         tasks = self._tasks(request.tasks)
         extra = await self._extra_inputs(request)
         needed = {m for t in tasks for m in CATALOG.task(t).accepted}
