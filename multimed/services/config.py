@@ -153,7 +153,7 @@ class FhirSettings(Strict):
     """The FHIR server that study results are POSTed to, as R4 transaction bundles."""
 
     url: str  # the FHIR base URL
-    token_file: str | None = None  # its first line is sent as "Authorization: Bearer ..."
+    token_file: str | None = None  # its first token is sent as "Authorization: Bearer ..."
     timeout_s: float = Field(30.0, gt=0)
     attempts: int = Field(4, ge=1, le=20)  # with exponential backoff between them
 

@@ -25,6 +25,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from multimed.models.catalog import CATALOG
+from multimed.models.codecs.dicom import to_bytes
 from multimed.services.frontends.hospital.codes import DICOM_SCHEME, device_uid
 
 IMAGING_TASKS = {
@@ -142,7 +143,7 @@ def test_sr_is_stored_into_the_study_and_reads_back(server, orthanc, uploaded):
     (sr_series,) = web.search_for_series(uid, search_filters={"Modality": "SR"})
     assert sr_series["0020000E"]["Value"][0] == response.sr.series_instance_uid
     (raw,) = web.retrieve_series(uid, response.sr.series_instance_uid)
-    sr = hd.sr.srread(io.BytesIO(_bytes(raw)))
+    sr = hd.sr.srread(io.BytesIO(to_bytes(raw)))
     assert sr.VerificationFlag == "UNVERIFIED"
     assert "AI" in sr.SeriesDescription
     assert sr.StudyInstanceUID == uid and sr.PatientID == server.patients[2].name
@@ -162,12 +163,6 @@ def test_sr_is_stored_into_the_study_and_reads_back(server, orthanc, uploaded):
     for task, value in evaluations.items():
         label = value.get("LongCodeValue") or value.CodeValue
         assert label == predicted[task] and label in CATALOG.task(task).labels
-
-
-def _bytes(ds) -> bytes:
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def _items(ds):

@@ -344,7 +344,8 @@ def _dataset(
     return ds
 
 
-def _to_bytes(ds: Dataset) -> bytes:
+def to_bytes(ds: Dataset) -> bytes:
+    """A dataset as a DICOM file (preamble and file meta), as a PACS or a pipeline reads it."""
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -373,7 +374,7 @@ def write_dicom(
         series_uid=series.series_uid or generate_uid(),
     )
     series.apply(ds, 0)
-    return _to_bytes(ds)
+    return to_bytes(ds)
 
 
 def write_dicom_series(
@@ -410,5 +411,5 @@ def write_dicom_series(
         ds.SliceThickness = format_number_as_ds(slice_thickness_mm)
         ds.PixelSpacing = [1, 1]
         series.apply(ds, i)
-        files.append(_to_bytes(ds))
+        files.append(to_bytes(ds))
     return files

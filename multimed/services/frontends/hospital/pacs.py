@@ -6,6 +6,7 @@ patient attribute or a URL's query."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -50,6 +51,18 @@ def _value(item: dict, keyword: str, default=None):
     return values[0]
 
 
+def _series_ref(item: dict) -> SeriesRef:
+    number = _value(item, "SeriesNumber")
+    return SeriesRef(
+        uid=str(_value(item, "SeriesInstanceUID", "")),
+        modality_code=str(_value(item, "Modality", "")),
+        number=None if number is None else int(number),
+        description=str(_value(item, "SeriesDescription", "")),
+        instances=int(_value(item, "NumberOfSeriesRelatedInstances", 0)),
+        body_part=str(_value(item, "BodyPartExamined", "")),
+    )
+
+
 class Pacs:
     def __init__(self, name: str, settings: PacsSettings):
         self.name = name
@@ -66,23 +79,27 @@ class Pacs:
         # port, measured): a PACS that is down must be UNAVAILABLE at once; callers retry.
         self.client.set_http_retry_params(retry=False)
 
-    def unavailable(self, doing: str, error: Exception) -> PacsUnavailable:
-        if isinstance(error, requests.HTTPError) and error.response is not None:
-            why = f"answered HTTP {error.response.status_code}"
-        else:
-            why = f"failed ({type(error).__name__})"
-        return PacsUnavailable(f"PACS {shown(self.name)} {why} while {doing}")
+    @contextmanager
+    def asking(self, doing: str) -> Iterator[None]:
+        """Around each request to the PACS: its failures become one PacsUnavailable that names
+        the PACS, the HTTP status or exception class, and what we were doing."""
+        try:
+            yield
+        except (requests.RequestException, OSError) as e:
+            if isinstance(e, requests.HTTPError) and e.response is not None:
+                why = f"answered HTTP {e.response.status_code}"
+            else:
+                why = f"failed ({type(e).__name__})"
+            raise PacsUnavailable(f"PACS {shown(self.name)} {why} while {doing}") from None
 
     def studies_on(self, date: str) -> dict[str, int]:
         """Study Instance UID -> instances, for the studies of one Study Date (YYYYMMDD)."""
-        try:
+        with self.asking("searching studies"):
             found = self.client.search_for_studies(
                 search_filters={"StudyDate": date},
                 fields=("NumberOfStudyRelatedInstances",),
                 get_remaining=True,
             )
-        except (requests.RequestException, OSError) as e:
-            raise self.unavailable("searching studies", e) from None
         return {
             str(_value(s, "StudyInstanceUID")): int(_value(s, "NumberOfStudyRelatedInstances", 0))
             for s in found
@@ -90,27 +107,13 @@ class Pacs:
 
     def series(self, study_uid: str) -> list[SeriesRef]:
         """The study's series (QIDO-RS), by Series Number. StudyNotFound when it has none."""
-        try:
+        with self.asking("listing a study's series"):
             found = self.client.search_for_series(
                 study_uid, fields=_SERIES_FIELDS, get_remaining=True
             )
-        except (requests.RequestException, OSError) as e:
-            raise self.unavailable("listing a study's series", e) from None
         if not found:
             raise StudyNotFound(f"PACS {shown(self.name)} has no study {shown(study_uid)}")
-        refs = [
-            SeriesRef(
-                uid=str(_value(s, "SeriesInstanceUID", "")),
-                modality_code=str(_value(s, "Modality", "")),
-                number=None
-                if _value(s, "SeriesNumber") is None
-                else int(_value(s, "SeriesNumber")),
-                description=str(_value(s, "SeriesDescription", "")),
-                instances=int(_value(s, "NumberOfSeriesRelatedInstances", 0)),
-                body_part=str(_value(s, "BodyPartExamined", "")),
-            )
-            for s in found
-        ]
+        refs = [_series_ref(s) for s in found]
         return sorted(refs, key=lambda r: (r.number is None, r.number or 0, r.uid))
 
     def retrieve(self, study_uid: str, series: SeriesRef) -> list[Dataset]:
@@ -119,33 +122,27 @@ class Pacs:
         if series.instances > MAX_SERIES_FILES:
             raise SeriesTooBig(f"{series.instances} instances, over the {MAX_SERIES_FILES} limit")
         instances, size = [], 0
-        try:
+        with self.asking("retrieving a series"):
             for ds in self.client.iter_series(study_uid, series.uid):
                 size += len(ds.get("PixelData") or b"")
                 if size > MAX_BYTES or len(instances) >= MAX_SERIES_FILES:
                     raise SeriesTooBig(f"over {MAX_BYTES} bytes or {MAX_SERIES_FILES} files")
                 instances.append(ds)
-        except (requests.RequestException, OSError) as e:
-            raise self.unavailable("retrieving a series", e) from None
         return instances
 
     def holds(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
         """Whether QIDO-RS lists this instance (a store's answer is not always the truth)."""
-        try:
+        with self.asking("checking a stored instance"):
             found = self.client.search_for_instances(
                 study_uid, series_uid, search_filters={"SOPInstanceUID": sop_uid}
             )
-        except (requests.RequestException, OSError) as e:
-            raise self.unavailable("checking a stored instance", e) from None
         return bool(found)
 
     def store(self, datasets: Sequence[Dataset]) -> Stored:
         """Store instances (STOW-RS). The PACS's refusals come back in `failed`, named by SOP
         Instance UID and reason; a failed request raises PacsUnavailable."""
-        try:
+        with self.asking("storing instances"):
             answer = self.client.store_instances(list(datasets))
-        except (requests.RequestException, OSError) as e:
-            raise self.unavailable("storing instances", e) from None
         stored = tuple(
             str(item.ReferencedSOPInstanceUID)
             for item in (answer.get("ReferencedSOPSequence") or ())

@@ -24,9 +24,14 @@ IGNORE = "ignore"
 
 @dataclass(frozen=True)
 class Route:
+    """What becomes of one series: the modality it is read as, or why it is not used."""
+
     series: SeriesRef
-    modality: str  # a catalog modality, or "" when ignored
-    reason: str = ""  # why it is ignored
+    modality: str  # a catalog modality, or "" when not used
+    reason: str = ""  # why not
+
+    def ignored(self, reason: str) -> Route:
+        return Route(self.series, "", reason)
 
 
 def _matches(rule: SeriesRule, series: SeriesRef) -> bool:

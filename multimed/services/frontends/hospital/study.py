@@ -12,14 +12,12 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from io import BytesIO
-from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from multimed.models.catalog import CATALOG, InputForm, OutputKind
+from multimed.models.codecs.dicom import to_bytes
 from multimed.models.errors import MissingModality, shown
 from multimed.models.inputs import RawInput
 from multimed.models.outputs import output_of
@@ -31,6 +29,7 @@ from multimed.services.frontends.hospital.findings import SeriesRef, StudyFindin
 from multimed.services.frontends.hospital.pacs import Pacs, SeriesTooBig
 from multimed.services.frontends.hospital.routing import Route, route
 from multimed.services.frontends.hospital.sr import build_sr
+from multimed.services.tokens import client_token
 from multimed.services.types import PredictCall, PredictResult
 
 log = logging.getLogger("multimed.hospital")
@@ -48,13 +47,6 @@ class StudyRequest:
     inputs: tuple[RawInput, ...]  # non-DICOM inputs sent along
     store_sr: bool
     deadline: float
-
-
-@dataclass(frozen=True)
-class SeriesUse:
-    series: SeriesRef
-    modality: str  # the catalog modality it was read as; "" when not used
-    reason: str = ""  # why not
 
 
 @dataclass(frozen=True)
@@ -79,7 +71,7 @@ class StudyResult:
     bundle_version: str
     answers: tuple[tuple[PredictResult, tuple[str, ...]], ...]  # (result, series UIDs used)
     skipped: tuple[Skipped, ...]
-    series: tuple[SeriesUse, ...]
+    series: tuple[Route, ...]  # every series, and what became of it
     fhir_bundle: dict
     fhir: FhirOutcome | None  # None: no FHIR endpoint configured
     sr: SrOutcome | None  # None: not asked
@@ -94,19 +86,13 @@ class _Read:
     instances: tuple[Dataset, ...]
 
 
-def _to_bytes(ds: Dataset) -> bytes:
-    buffer = BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def _wire_input(modality: str, instances: Sequence[Dataset]) -> RawInput:
     """A retrieved series as the input its modality takes: a volume's every slice, or a 2-D
     image's first instance (by Instance Number)."""
     if InputForm.DICOM_SERIES in CATALOG.modality(modality).forms:
-        return RawInput(modality, InputForm.DICOM_SERIES, [_to_bytes(ds) for ds in instances])
+        return RawInput(modality, InputForm.DICOM_SERIES, [to_bytes(ds) for ds in instances])
     first = min(instances, key=lambda ds: int(ds.get("InstanceNumber") or 0))
-    return RawInput(modality, InputForm.DICOM, _to_bytes(first))
+    return RawInput(modality, InputForm.DICOM, to_bytes(first))
 
 
 class Studies:
@@ -115,11 +101,8 @@ class Studies:
         self.settings = settings
         self.pacs = {name: Pacs(name, s) for name, s in settings.pacs.items()}
         fhir = settings.fhir
-        self.fhir_token = (
-            Path(fhir.token_file).read_text().strip().splitlines()[0]
-            if fhir is not None and fhir.token_file
-            else None
-        )
+        # The token file reads as a client's does (its first token); no file: no token.
+        self.fhir_token = client_token(fhir.token_file) if fhir and fhir.token_file else None
 
     def _pacs(self, name: str) -> Pacs:
         pacs = self.pacs.get(name)
@@ -145,13 +128,13 @@ class Studies:
         listed = await asyncio.to_thread(pacs.series, request.study_uid)
         routes = [route(s, self.settings.series_rules) for s in listed]
         by_modality: dict[str, list[Route]] = {}
-        uses: dict[str, SeriesUse] = {}
+        uses: dict[str, Route] = {}
         for r in routes:
             if not r.modality:
-                uses[r.series.uid] = SeriesUse(r.series, "", r.reason)
+                uses[r.series.uid] = r
             elif r.modality not in needed:
-                uses[r.series.uid] = SeriesUse(
-                    r.series, "", f"read as {r.modality}, which no requested task takes"
+                uses[r.series.uid] = r.ignored(
+                    f"read as {r.modality}, which no requested task takes"
                 )
             else:
                 by_modality.setdefault(r.modality, []).append(r)
@@ -210,7 +193,7 @@ class Studies:
         return extra
 
     async def _read(
-        self, pacs: Pacs, request: StudyRequest, routes: list[Route], uses: dict[str, SeriesUse]
+        self, pacs: Pacs, request: StudyRequest, routes: list[Route], uses: dict[str, Route]
     ) -> _Read | None:
         """One modality's first readable series, in Series Number order: each is retrieved and
         run through its encoder (which caches the embedding for the answers)."""
@@ -218,8 +201,8 @@ class Studies:
         for r in routes:
             if chosen is not None:
                 number = chosen.series.number
-                uses[r.series.uid] = SeriesUse(
-                    r.series, "", f"another {r.modality} series (number {number}) was used"
+                uses[r.series.uid] = r.ignored(
+                    f"another {r.modality} series (number {number}) was used"
                 )
                 continue
             try:
@@ -228,22 +211,20 @@ class Studies:
                     raise SeriesTooBig("the PACS sent no instances")
                 raw = _wire_input(r.modality, instances)
             except SeriesTooBig as e:
-                uses[r.series.uid] = SeriesUse(r.series, "", f"not read: {e}")
+                uses[r.series.uid] = r.ignored(f"not read: {e}")
                 continue
             except (InvalidDicomError, ValueError, AttributeError) as e:
-                uses[r.series.uid] = SeriesUse(
-                    r.series, "", f"not read: not valid DICOM ({type(e).__name__})"
-                )
+                uses[r.series.uid] = r.ignored(f"not read: not valid DICOM ({type(e).__name__})")
                 continue
             (embedded,) = await self.plane.embed([raw], request.deadline)
             if isinstance(embedded, Exception):
                 status, message = to_status(embedded)
                 if status is not Status.INVALID_ARGUMENT:
                     raise embedded  # the encoder's trouble, not the series'
-                uses[r.series.uid] = SeriesUse(r.series, "", f"unreadable: {message}")
+                uses[r.series.uid] = r.ignored(f"unreadable: {message}")
                 continue
             chosen = _Read(r.series, raw, tuple(instances))
-            uses[r.series.uid] = SeriesUse(r.series, r.modality)
+            uses[r.series.uid] = r
         return chosen
 
     @staticmethod

@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
-import requests
 
 from multimed.services.frontends.hospital.pacs import Pacs, study_date_today
 
@@ -129,14 +128,12 @@ class OrthancChanges:
         self.pacs, self.url = pacs, rest_url.rstrip("/")
 
     def _get(self, path: str, **params) -> dict:
-        try:
+        with self.pacs.asking("reading the changes feed"):
             r = self.pacs.session.get(
                 f"{self.url}{path}", params=params, timeout=self.pacs.settings.timeout_s
             )
             r.raise_for_status()
-            return r.json()
-        except (requests.RequestException, ValueError) as e:
-            raise self.pacs.unavailable("reading the changes feed", e) from None
+            return r.json()  # a body that is not JSON raises a RequestException subclass
 
     def poll(self, cursor: str | None) -> tuple[list[str], str]:
         if cursor is None:
