@@ -3,12 +3,15 @@ and the watcher's state (exactly once, backoff, failed studies)."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from pydantic import ValidationError
 
 from multimed.services.config import AppArgs, PacsSettings, SeriesRule
 from multimed.services.frontends.hospital import watch
 from multimed.services.frontends.hospital.findings import SeriesRef
+from multimed.services.frontends.hospital.pacs import Pacs
 from multimed.services.frontends.hospital.routing import route
 
 
@@ -100,3 +103,29 @@ def test_a_final_failure_is_not_retried(tmp_path):
     state.add("main", ["s1"], "1")
     state.fail("main", "s1", "FAILED_PRECONDITION: it holds US", final=True)
     assert state.rows("main")[0][1] == watch.FAILED and state.due("main") == []
+
+
+def test_watcher_outlives_an_unreachable_feed(tmp_path):
+    """The PACS's changes feed down (nothing listens on its port): the watcher says so and
+    carries on polling, instead of dying."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pacs = Pacs("main", PacsSettings(url=f"http://127.0.0.1:{port}/dicom-web", timeout_s=2))
+    said: list[str] = []
+    watcher = watch.Watcher(
+        "main",
+        watch.OrthancChanges(pacs, f"http://127.0.0.1:{port}"),
+        watch.State(tmp_path / "w.sqlite"),
+        predict=lambda study: "",
+        say=print,  # replaced below, once the watcher exists
+        poll_s=0.1,
+    )
+
+    def say(line: str) -> None:
+        said.append(line)
+        watcher.stopping = len(said) >= 2  # two rounds: it went on after the first failure
+
+    watcher.say = say
+    watcher.run()
+    assert said == ["feed: PACS 'main' failed (ConnectionError) while reading the changes feed"] * 2

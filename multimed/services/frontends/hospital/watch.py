@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 
+from multimed.services.errors import PacsUnavailable
 from multimed.services.frontends.hospital.pacs import Pacs, study_date_today
 
 BACKOFF_S = 5.0  # first retry after a failure; doubled each time
@@ -220,7 +221,7 @@ class Watcher:
         while not self.stopping:
             try:
                 self.step()
-            except (grpc.RpcError, OSError) as e:  # the PACS's feed unreachable: try again
+            except PacsUnavailable as e:  # the PACS's feed unreachable: try again next round
                 self.say(f"feed: {e}")
             waited = 0.0
             while waited < self.poll_s and not self.stopping:
