@@ -120,7 +120,13 @@ def _serve(args) -> int:
         }
     )
     app = config.app.model_copy(update={"args": app_args})
-    serve_forever(ServeOptions(config.model_copy(update={"applications": [app]}), args.ray_address))
+    serve_forever(
+        ServeOptions(
+            config.model_copy(update={"applications": [app]}),
+            args.ray_address,
+            args.dashboard_port,
+        )
+    )
     return 0
 
 
@@ -448,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", help="mTLS: clients need a certificate signed by this CA")
     p.add_argument("--audit-log", help="also append the audit log's lines here")
     p.add_argument("--ray-address", help="join a running Ray cluster ('auto') instead")
+    p.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=8265,
+        help="the embedded Ray's dashboard, on loopback (`serve status` needs it); 0: off",
+    )
     p.set_defaults(func=_serve)
 
     from multimed.models.catalog import CATALOG

@@ -41,6 +41,7 @@ class Server:
     process: subprocess.Popen
     token: str = TOKEN
     max_message_mb: float = MAX_MESSAGE_MB
+    log: Path | None = None  # what `multimed serve` printed and logged
 
     def client(self) -> MultiMedClient:
         return MultiMedClient(self.url, token=self.token)
@@ -119,6 +120,8 @@ def running_server(
         str(tokens),
         "--max-message-mb",
         str(MAX_MESSAGE_MB),
+        "--dashboard-port",  # off unless `extra` asks (the session's server does)
+        "0",
         *extra,
     ]
     with log.open("w") as out:

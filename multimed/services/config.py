@@ -21,6 +21,11 @@ from pydantic import (
 from multimed.models.catalog import CATALOG
 
 ROUTER = "router"
+# The custom Ray resource of the nodes clients connect to: the serve config pins the router
+# replicas (the gRPC gateway and /metrics) to it. `multimed serve`'s embedded Ray declares it; on
+# a cluster, `ray start --resources='{"gateway": 1}'` on the head (compose) or the gateway group
+# (KubeRay).
+GATEWAY_RESOURCE = "gateway"
 
 
 def encoder_deployment(modality: str) -> str:

@@ -149,6 +149,8 @@ class DataPlane:
                 metrics.ENCODED.labels(modality, e.replica).inc()
                 metrics.BATCH_SIZE.labels(modality).observe(e.batch_size)
                 metrics.ENCODER_QUEUE.labels(modality).set(e.queue_depth)
+                if e.gpu_utilization is not None:
+                    metrics.GPU_UTILIZATION.labels(modality, e.replica).set(e.gpu_utilization)
         return result
 
     async def embed(self, raws: list[RawInput], deadline: float) -> list[Embedding | Exception]:

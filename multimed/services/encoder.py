@@ -24,6 +24,29 @@ from multimed.services.types import Embedding
 
 log = logging.getLogger("multimed.encoder")
 
+GPU_SAMPLE_S = 1.0  # NVML is asked at most this often, not on every batch
+
+
+class GpuUtilization:
+    """The replica's GPU utilisation (0-1) as NVML reports it, read at most every GPU_SAMPLE_S;
+    None on CPU or where NVML cannot be read (torch asks it through pynvml)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else None
+        self.value: float | None = None
+        self.at = float("-inf")
+
+    def sample(self) -> float | None:
+        if self.device is None or time.monotonic() - self.at < GPU_SAMPLE_S:
+            return self.value
+        self.at = time.monotonic()
+        try:
+            self.value = torch.cuda.utilization(self.device) / 100
+        except Exception as e:  # no pynvml, or a driver without NVML: the metric stays absent
+            log.warning("GPU utilisation unreadable (%s); not reported", type(e).__name__)
+            self.device = None
+        return self.value
+
 
 def pick_device(requested: str) -> str:
     if requested == "auto":
@@ -55,6 +78,7 @@ class Encoder(MemoryLimited):
             self.pipeline.setup(pick_device(device), loaded.encoder_state(modality))
             self.remote = None
             where = str(self.pipeline.device)
+        self.gpu = GpuUtilization(self.pipeline.device)
         self.waiting = 0
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.reconfigure(BatchConfig().model_dump())
@@ -115,6 +139,7 @@ class Encoder(MemoryLimited):
         for i, item in enumerate(items):
             kinds.setdefault(tuple(sorted(item)), []).append(i)
         results: list[Embedding | ModelFault] = [None] * len(items)  # type: ignore[list-item]
+        gpu = self.gpu.sample()
         for members in kinds.values():
             batch = self.pipeline.collate([items[i] for i in members])
             if self.remote is None:
@@ -132,5 +157,5 @@ class Encoder(MemoryLimited):
                         f"the {self.modality} encoder produced non-finite values"
                     )
                     continue
-                results[i] = Embedding(pooled, tokens, len(items), depth, self.replica)
+                results[i] = Embedding(pooled, tokens, len(items), depth, self.replica, gpu)
         return results

@@ -63,6 +63,18 @@ ENCODER_LIVE = Gauge(
     ["modality"],
     registry=REGISTRY,
 )
+ENCODER_REPLICAS = Gauge(
+    "multimed_encoder_replicas",
+    "Encoder replicas RUNNING, by the Serve controller's account (autoscaling moves it)",
+    ["modality"],
+    registry=REGISTRY,
+)
+GPU_UTILIZATION = Gauge(
+    "multimed_encoder_gpu_utilization_ratio",
+    "GPU utilisation (0-1) the encoder replica's device reported at its last batch (CUDA only)",
+    ["modality", "replica"],
+    registry=REGISTRY,
+)
 CACHE_BYTES = Gauge(
     "multimed_embedding_cache_bytes",
     "Bytes held by the router's embedding cache",

@@ -101,6 +101,7 @@ class RouterReplica(MemoryLimited):
             live = frozenset(m for m in self.router.encoders if running.get(encoder_deployment(m)))
             for m in self.router.encoders:
                 metrics.ENCODER_LIVE.labels(m).set(m in live)
+                metrics.ENCODER_REPLICAS.labels(m).set(running.get(encoder_deployment(m), 0))
             if live != self.listener.readiness.live:
                 log.warning(
                     "encoders without a live replica: %s",

@@ -221,7 +221,7 @@ class Router:
             fuse_ms=fuse_ms,
             contributions=contributions,
             encoders={
-                m: EncodeStats(e.batch_size, e.queue_depth, e.replica)
+                m: EncodeStats(e.batch_size, e.queue_depth, e.replica, e.gpu_utilization)
                 for m, e in embeddings.items()
             },
         )

@@ -21,11 +21,12 @@ from ray import serve
 from multimed.models.bundle import load_bundle
 from multimed.models.errors import BundleError
 from multimed.services.app import build
-from multimed.services.config import AppArgs, ServeConfigFile
+from multimed.services.config import GATEWAY_RESOURCE, ROUTER, AppArgs, ServeConfigFile
 
 log = logging.getLogger("multimed.server")
 
 LOCAL_LOGICAL_CPUS = 16
+LOCAL_GATEWAY_SLOTS = 1000  # the embedded Ray's `gateway` resource: room for any router count
 SERVING_TIMEOUT_S = 600  # from replicas up to every encoder answering
 # Replicas inherit these. glibc malloc's adaptive mmap threshold made batch 32 ~1.8x slower (it
 # returned and refaulted batch buffers every step): a fixed 32 MiB threshold keeps batch buffers
@@ -45,6 +46,9 @@ DRAIN_S = 5.0  # calls in flight get this long to finish on Ctrl-C / SIGTERM
 class ServeOptions:
     config: ServeConfigFile
     ray_address: str | None = None  # None: start a local Ray; "auto": join the running one
+    # The embedded Ray's dashboard (loopback, Ray's token): `serve status` reads Serve's state
+    # through its REST API, so it runs by default (~120 MB, <1 % of a core idle). 0: off.
+    dashboard_port: int = 8265
 
 
 def ensure_bundle(path: Path) -> None:
@@ -106,17 +110,24 @@ async def run(options: ServeOptions) -> None:
     url = f"{gateway.host}:{gateway.port}"
 
     env_vars = {**REPLICA_ENV, **app_config.runtime_env.get("env_vars", {})}
-    ray.init(
+    context = ray.init(
         # "local": always a Ray of our own. Ray's default (None) joins whichever cluster the
         # host's last `ray start` recorded in /tmp/ray/ray_current_cluster, even a dead one.
         address=options.ray_address or "local",
         # Scheduling is by logical CPUs: eleven light replicas must fit on a 2-core machine.
         num_cpus=None if options.ray_address else max(os.cpu_count() or 1, LOCAL_LOGICAL_CPUS),
-        include_dashboard=False,
+        resources=None if options.ray_address else {GATEWAY_RESOURCE: LOCAL_GATEWAY_SLOTS},
+        include_dashboard=bool(options.dashboard_port) and not options.ray_address,
+        dashboard_port=None if options.ray_address else options.dashboard_port or None,
         logging_level=logging.WARNING,
         log_to_driver=False,
         runtime_env={**app_config.runtime_env, "env_vars": env_vars},
     )
+    try:
+        _check_resources(app_config.deployment(ROUTER))
+    except ValueError:
+        ray.shutdown()
+        raise
     stop = asyncio.Event()
     handles: list = []  # the router deployment's, once deployed
     loop = asyncio.get_running_loop()
@@ -156,6 +167,8 @@ async def run(options: ServeOptions) -> None:
             f'--text "Is there a lesion?" --xray FILE.dcm',
             flush=True,
         )
+        if not options.ray_address:
+            print(_ray_tools(context), flush=True)
         await stopping
         print("stopping...", flush=True)
     finally:
@@ -166,6 +179,38 @@ async def run(options: ServeOptions) -> None:
         else:
             serve.shutdown()
         ray.shutdown()
+
+
+def _ray_tools(context) -> str:
+    """How Ray's own CLI reaches this embedded Ray: its GCS address (Ray's CLI would turn a
+    loopback address into the host's public one unless told this Ray is local-only), its token
+    mode (Ray's CLI assumes none; the token is Ray's, in ~/.ray/auth_token) and the dashboard
+    that `serve status` asks."""
+    env = {
+        "RAY_ADDRESS": context.address_info["gcs_address"],
+        "RAY_AUTH_MODE": "token",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+    tools = "ray status, ray list actors"
+    if context.dashboard_url:
+        env["RAY_DASHBOARD_ADDRESS"] = f"http://{context.dashboard_url}"
+        tools += f", serve status; dashboard http://{context.dashboard_url}"
+    exports = " ".join(f"{k}={v}" for k, v in env.items())
+    return f"Ray's tools ({tools}):  export {exports}"
+
+
+def _check_resources(router: dict) -> None:
+    """Fail at once, naming the resource, when the router asks for a custom resource no node
+    declares: Serve would otherwise wait for a node that never comes, silently."""
+    wanted = (router.get("ray_actor_options") or {}).get("resources") or {}
+    declared = ray.cluster_resources()
+    for name in wanted:
+        if name not in declared:
+            raise ValueError(
+                f"the router asks for Ray resource {name!r}, which no node of this cluster "
+                f"declares: start the nodes clients connect to with "
+                f"`ray start --resources='{{\"{name}\": 1}}'` (see deploy/serve_config.yaml)"
+            )
 
 
 def _drain(router) -> None:

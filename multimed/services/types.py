@@ -20,6 +20,7 @@ class Embedding:
     batch_size: int = 1  # size of the encoder batch it ran in; 0 when served from the cache
     queue_depth: int = 0  # requests waiting at the encoder when it was batched
     replica: str = ""  # the encoder replica that computed it
+    gpu_utilization: float | None = None  # its GPU's, sampled at most once a second; None: CPU
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class EncodeStats:
     batch_size: int  # 0: served from the router's cache
     queue_depth: int
     replica: str
+    gpu_utilization: float | None = None
 
 
 @dataclass(frozen=True)
