@@ -360,6 +360,34 @@ def _loadtest(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    if args.ray_address is None:  # a local-only Ray, as `multimed serve`'s (see _serve)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from multimed.services.score import ScoreOptions, score
+
+    summary = score(
+        ScoreOptions(
+            bundle=args.bundle,
+            tasks=tuple(dict.fromkeys(args.task)),
+            input=args.input,
+            out=args.out,
+            ray_address=args.ray_address,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            checkpoint_every=args.checkpoint_every,
+            device=args.device,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    )
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.statuses.items())) or "none"
+    print(
+        f"{summary.items} items: {summary.skipped} already scored, {summary.scored} scored in "
+        f"{summary.seconds:.1f} s ({summary.items_per_s:.1f} items/s); rows: {statuses}\n"
+        f"wrote {summary.out}"
+    )
+    return 0
+
+
 def _export(args) -> int:
     from multimed.services.export import export_triton
 
@@ -463,6 +491,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     from multimed.models.catalog import CATALOG
+
+    p = sub.add_parser("score", help="score an archive on Ray Data into parquet (resumable)")
+    p.add_argument("--task", action="append", required=True, help="repeatable")
+    p.add_argument("--input", type=Path, required=True, help="a folder of item folders")
+    p.add_argument("--out", type=Path, required=True, help="results.parquet")
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    p.add_argument("--ray-address", help="a Ray cluster (paths must be the same on its nodes)")
+    p.add_argument("--batch-size", type=int, default=16, help="items per batch")
+    p.add_argument("--workers", type=int, default=1, help="scoring actors (a core each)")
+    p.add_argument("--checkpoint-every", type=int, default=64, help="items per saved part")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there), cpu, cuda")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("predict", help="ask a running server for one task")
     p.add_argument("--task", required=True)

@@ -7,16 +7,15 @@ import asyncio
 import logging
 import time
 
-import numpy as np
 import torch
 from ray import serve
 
 from multimed.models.bundle import load_bundle
-from multimed.models.errors import InputError
 from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import Batch
 from multimed.models.modalities.registry import build_pipeline
 from multimed.services.config import BatchConfig, EncoderBackend
+from multimed.services.encoding import EncoderCore
 from multimed.services.errors import Expired, ModelFault
 from multimed.services.memory import MemoryLimited
 from multimed.services.remote import TritonEncoder
@@ -68,6 +67,7 @@ class Encoder(MemoryLimited):
         self.modality = modality
         self.bundle_version = loaded.version
         self.pipeline = build_pipeline(modality, loaded.config)
+        self.core = EncoderCore(modality, self.pipeline)
         settings = EncoderBackend.model_validate(backend or {})
         if settings.backend == "triton":
             self.pipeline.setup("cpu")  # the frozen features stage; the weights live remotely
@@ -97,7 +97,7 @@ class Encoder(MemoryLimited):
         keeps batching while a large series decodes (a bad input answers with its error); drop
         inputs whose caller's deadline has passed; run the rest through the dynamic batcher,
         which also merges concurrent callers."""
-        prepared: list[Batch | Exception] = await asyncio.to_thread(self._prepare, raws)
+        prepared: list[Batch | Exception] = await asyncio.to_thread(self.core.prepare, raws)
         now = time.time()
         for i, deadline in enumerate(deadlines or ()):
             if deadline is not None and deadline <= now and not isinstance(prepared[i], Exception):
@@ -110,22 +110,6 @@ class Encoder(MemoryLimited):
             self.waiting -= len(valid)
         return [p if isinstance(p, Exception) else next(encoded) for p in prepared]
 
-    def _prepare(self, raws: list[RawInput]) -> list[Batch | Exception]:
-        prepared: list[Batch | Exception] = []
-        for raw in raws:
-            try:
-                if raw.modality != self.modality:
-                    raise InputError(raw.modality, f"sent to the {self.modality} encoder")
-                prepared.append(self.pipeline.prepare(raw))
-            except InputError as error:
-                prepared.append(error)
-            except Exception as error:  # a decoder library choked: still this input's fault
-                log.warning("%s input failed to decode: %s", self.modality, type(error).__name__)
-                prepared.append(
-                    InputError(self.modality, f"could not be decoded ({type(error).__name__})")
-                )
-        return prepared
-
     # Replaced at start by reconfigure() from BatchConfig (the serve config's user_config).
     @serve.batch(
         max_batch_size=BatchConfig().max_batch_size,
@@ -133,29 +117,18 @@ class Encoder(MemoryLimited):
     )
     async def run_batch(self, items: list[Batch]) -> list[Embedding | ModelFault]:
         depth = self.waiting
-        # Raw and model-ready items differ in their keys (text: token ids vs features): each
-        # kind is collated and run apart.
-        kinds: dict[tuple[str, ...], list[int]] = {}
-        for i, item in enumerate(items):
-            kinds.setdefault(tuple(sorted(item)), []).append(i)
         results: list[Embedding | ModelFault] = [None] * len(items)  # type: ignore[list-item]
         gpu = self.gpu.sample()
-        for members in kinds.values():
+        for members in self.core.kinds(items):
             batch = self.pipeline.collate([items[i] for i in members])
             if self.remote is None:
                 out = self.pipeline.forward(batch)
             else:
                 out = await self.remote.forward(batch)
-            for i, item in zip(members, self.pipeline.unbatch(out), strict=True):
-                tokens = None if item.tokens is None else item.tokens[0].float().cpu().numpy()
-                pooled = item.pooled[0].float().cpu().numpy()
-                if not np.isfinite(pooled).all() or (
-                    tokens is not None and not np.isfinite(tokens).all()
-                ):  # finite inputs are checked on decode: this one is the model's fault
-                    log.error("%s encoder produced non-finite values", self.modality)
-                    results[i] = ModelFault(
-                        f"the {self.modality} encoder produced non-finite values"
-                    )
-                    continue
-                results[i] = Embedding(pooled, tokens, len(items), depth, self.replica, gpu)
+            for i, result in zip(members, self.core.unbatch(out), strict=True):
+                results[i] = (
+                    result
+                    if isinstance(result, ModelFault)
+                    else Embedding(*result, len(items), depth, self.replica, gpu)
+                )
         return results

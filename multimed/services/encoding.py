@@ -1,0 +1,105 @@
+"""One modality's encoding, free of Ray Serve: decode and validate inputs one by one, then run
+model-ready items as batches and check what comes out. The encoder deployment runs it behind
+Serve's batcher; offline scoring (`multimed score`) runs it in Ray Data workers, through the
+same router, so that both answer the same."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from multimed.models.errors import InputError
+from multimed.models.inputs import RawInput
+from multimed.models.modalities.base import Batch, ModalityPipeline
+from multimed.services.errors import ModelFault
+from multimed.services.types import Embedding
+
+log = logging.getLogger("multimed.encoder")
+
+Encoded = tuple[np.ndarray, np.ndarray | None]  # pooled [D], tokens [L, D] or None
+
+
+class EncoderCore:
+    def __init__(self, modality: str, pipeline: ModalityPipeline):
+        self.modality = modality
+        self.pipeline = pipeline
+
+    def prepare(self, raws: Sequence[RawInput]) -> list[Batch | Exception]:
+        """Each input decoded and validated alone: a bad one answers with its error."""
+        prepared: list[Batch | Exception] = []
+        for raw in raws:
+            try:
+                if raw.modality != self.modality:
+                    raise InputError(raw.modality, f"sent to the {self.modality} encoder")
+                prepared.append(self.pipeline.prepare(raw))
+            except InputError as error:
+                prepared.append(error)
+            except Exception as error:  # a decoder library choked: still this input's fault
+                log.warning("%s input failed to decode: %s", self.modality, type(error).__name__)
+                prepared.append(
+                    InputError(self.modality, f"could not be decoded ({type(error).__name__})")
+                )
+        return prepared
+
+    @staticmethod
+    def kinds(items: Sequence[Batch]) -> list[list[int]]:
+        """Indices of items that collate together: raw and model-ready items differ in their
+        keys (text: token ids vs features), and each kind runs apart."""
+        kinds: dict[tuple[str, ...], list[int]] = {}
+        for i, item in enumerate(items):
+            kinds.setdefault(tuple(sorted(item)), []).append(i)
+        return list(kinds.values())
+
+    def unbatch(self, out) -> list[Encoded | ModelFault]:
+        """A forward's output -> per item its arrays, or a ModelFault where the model produced
+        non-finite values (finite inputs are checked on decode: that is the model's fault)."""
+        results: list[Encoded | ModelFault] = []
+        for item in self.pipeline.unbatch(out):
+            tokens = None if item.tokens is None else item.tokens[0].float().cpu().numpy()
+            pooled = item.pooled[0].float().cpu().numpy()
+            if not np.isfinite(pooled).all() or (
+                tokens is not None and not np.isfinite(tokens).all()
+            ):
+                log.error("%s encoder produced non-finite values", self.modality)
+                fault = ModelFault(f"the {self.modality} encoder produced non-finite values")
+                results.append(fault)
+            else:
+                results.append((pooled, tokens))
+        return results
+
+    def encode(self, items: Sequence[Batch]) -> list[Encoded | ModelFault]:
+        """Model-ready items through the local model, each kind as one batch."""
+        results: list[Encoded | ModelFault] = [None] * len(items)  # type: ignore[list-item]
+        for members in self.kinds(items):
+            out = self.pipeline.forward(self.pipeline.collate([items[i] for i in members]))
+            for i, result in zip(members, self.unbatch(out), strict=True):
+                results[i] = result
+        return results
+
+
+class LocalEncoder:
+    """An encoder in this process with a deployment handle's call shape
+    (`await encode_many.remote(raws, deadlines)`), so that the router runs unchanged; inputs run
+    in batches of at most `batch_size`, in a worker thread."""
+
+    def __init__(self, core: EncoderCore, batch_size: int):
+        self.core = core
+        self.batch_size = batch_size
+        self.encode_many = self  # handle.encode_many.remote(...)
+
+    def remote(self, raws: Sequence[RawInput], deadlines=None):
+        return asyncio.to_thread(self._encode, raws)
+
+    def _encode(self, raws: Sequence[RawInput]) -> list[Embedding | Exception]:
+        prepared = self.core.prepare(raws)
+        valid = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
+        out: list[Embedding | Exception] = list(prepared)  # type: ignore[arg-type]
+        for start in range(0, len(valid), self.batch_size):
+            chunk = valid[start : start + self.batch_size]
+            encoded = self.core.encode([prepared[i] for i in chunk])  # type: ignore[misc]
+            for i, result in zip(chunk, encoded, strict=True):
+                out[i] = result if isinstance(result, Exception) else Embedding(*result, len(chunk))
+        return out
