@@ -14,6 +14,7 @@ from multimed.models.bundle import load_bundle
 from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import Batch
 from multimed.models.modalities.registry import build_pipeline
+from multimed.services.autoscaling import INPUTS_IN_FLIGHT
 from multimed.services.config import BatchConfig, EncoderBackend
 from multimed.services.encoding import EncoderCore
 from multimed.services.errors import Expired, ModelFault
@@ -97,18 +98,28 @@ class Encoder(MemoryLimited):
         keeps batching while a large series decodes (a bad input answers with its error); drop
         inputs whose caller's deadline has passed; run the rest through the dynamic batcher,
         which also merges concurrent callers."""
+        self.waiting += len(raws)  # from arrival: decoding is this replica's work too
+        try:
+            return await self._encode(raws, deadlines)
+        finally:
+            self.waiting -= len(raws)
+
+    async def _encode(
+        self, raws: list[RawInput], deadlines: list[float | None] | None
+    ) -> list[Embedding | Exception]:
         prepared: list[Batch | Exception] = await asyncio.to_thread(self.core.prepare, raws)
         now = time.time()
         for i, deadline in enumerate(deadlines or ()):
             if deadline is not None and deadline <= now and not isinstance(prepared[i], Exception):
                 prepared[i] = Expired("the deadline passed before the encoder ran")
         valid = [p for p in prepared if not isinstance(p, Exception)]
-        self.waiting += len(valid)
-        try:
-            encoded = iter(await asyncio.gather(*(self.run_batch(p) for p in valid)))
-        finally:
-            self.waiting -= len(valid)
+        encoded = iter(await asyncio.gather(*(self.run_batch(p) for p in valid)))
         return [p if isinstance(p, Exception) else next(encoded) for p in prepared]
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve samples this for the autoscaling policy (services/autoscaling.py): the inputs
+        in this replica (decoding, waiting for a batch or in one), as the queue-depth metric."""
+        return {INPUTS_IN_FLIGHT: self.waiting}
 
     # Replaced at start by reconfigure() from BatchConfig (the serve config's user_config).
     @serve.batch(

@@ -107,7 +107,9 @@ class RouterReplica(MemoryLimited):
                     "encoders without a live replica: %s",
                     sorted(set(self.router.encoders) - live) or "none",
                 )
-            self.router.down = frozenset(self.router.encoders) - live
+            self.router.replicas = {
+                m: running.get(encoder_deployment(m), 0) for m in self.router.encoders
+            }
             await self.listener.set_readiness(Readiness(True, live))
 
     def serving(self) -> bool:

@@ -59,9 +59,10 @@ class Router:
         self.bundle_version = bundle_version
         self.cache = EmbeddingCache(cache_entries, int(cache_mb * 2**20))
         self.encoder_timeout_s = encoder_timeout_s
-        # Encoders with no live replica (kept by the replica's watch): calls that need one fail
-        # at once with UNAVAILABLE instead of queueing until a replica comes back.
-        self.down: frozenset[str] = frozenset()
+        # RUNNING replicas per encoder, kept by the replica's watch (unknown: 1). At 0, calls
+        # that need the encoder fail at once with UNAVAILABLE instead of queueing until a
+        # replica comes back; above 1, its inputs are split across them (_encode_with).
+        self.replicas: Mapping[str, int] = {}
 
     async def encoders_answer(self) -> None:
         """Returns once every encoder has answered an (empty) call."""
@@ -156,39 +157,49 @@ class Router:
     async def _encode_with(
         self, modality: str, items: list[tuple[str, Wanted]], out: dict[str, Embedding | Exception]
     ) -> None:
-        """One encoder's call for `items`; every outcome, errors included, lands in `out`."""
-        results: list = []
-        if modality in self.down:
+        """One encoder's inputs, in one call per RUNNING replica: with a single call per router
+        batch, extra replicas would idle and Serve's autoscaler would see at most the
+        coalescer's slots in flight whatever the load. Every outcome, errors included, lands
+        in `out`."""
+        replicas = self.replicas.get(modality, 1)
+        if replicas == 0:
             error = BackendUnavailable(f"the {modality} encoder has no live replica; retry")
             results = [error] * len(items)
         else:
-            deadlines = [item.deadline for _, item in items]
-            timeout, error = (
-                self.encoder_timeout_s,
-                BackendUnavailable(
-                    f"the {modality} encoder did not answer in {self.encoder_timeout_s:g} s"
-                ),
-            )
-            if None not in deadlines:
-                left = max(deadlines) - time.time()  # type: ignore[operator]
-                if left < timeout:
-                    timeout, error = max(left, 0.001), Expired("deadline exceeded at the encoder")
-            response = self.encoders[modality].encode_many.remote(
-                [item.raw for _, item in items], deadlines
-            )
-            try:
-                results = await asyncio.wait_for(response, timeout)
-            except TimeoutError:
-                response.cancel()
-                results = [error] * len(items)
-            except Exception as failure:  # a dead replica, say: fails this encoder's inputs
-                results = [failure] * len(items)
+            parts = split(items, replicas)
+            answers = await asyncio.gather(*(self._call(modality, part) for part in parts))
+            results = [result for answer in answers for result in answer]
         for (key, _), result in zip(items, results, strict=True):
             out[key] = result
             if isinstance(result, Expired):
                 metrics.DROPPED.labels(modality, "expired").inc()
             elif not isinstance(result, Exception):
                 self.cache.put((self.bundle_version, key), result)
+
+    async def _call(self, modality: str, items: list[tuple[str, Wanted]]) -> list:
+        """One encode_many call: per input its embedding or error; the call's failure (a dead
+        replica, say) or timeout fails its own inputs only."""
+        deadlines = [item.deadline for _, item in items]
+        timeout, error = (
+            self.encoder_timeout_s,
+            BackendUnavailable(
+                f"the {modality} encoder did not answer in {self.encoder_timeout_s:g} s"
+            ),
+        )
+        if None not in deadlines:
+            left = max(deadlines) - time.time()  # type: ignore[operator]
+            if left < timeout:
+                timeout, error = max(left, 0.001), Expired("deadline exceeded at the encoder")
+        response = self.encoders[modality].encode_many.remote(
+            [item.raw for _, item in items], deadlines
+        )
+        try:
+            return await asyncio.wait_for(response, timeout)
+        except TimeoutError:
+            response.cancel()
+            return [error] * len(items)
+        except Exception as failure:
+            return [failure] * len(items)
 
     def _fuse(self, task: str, members: list[dict[str, Embedding]], explain: bool):
         """One fusion pass for calls with the same task and modalities (per call when the
@@ -241,6 +252,13 @@ class Router:
             scores = np.asarray(self.tasks.predict(task, rest)[0].scores, dtype=np.float64)
             out[m] = float(np.abs(base - scores).mean())
         return out
+
+
+def split(items: list, parts: int) -> list[list]:
+    """`items` in order, in min(parts, len(items)) runs whose lengths differ by at most one (so
+    no replica gets a sliver while another gets a full share)."""
+    parts = max(1, min(parts, len(items)))
+    return [items[i * len(items) // parts : (i + 1) * len(items) // parts] for i in range(parts)]
 
 
 @dataclass(frozen=True)

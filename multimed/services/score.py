@@ -100,9 +100,7 @@ class Scorer:
     """A Ray Data worker: the router with every needed encoder in process (no embedding cache:
     each item is seen once). Called with a batch of item names; returns their rows."""
 
-    def __init__(
-        self, bundle: str, tasks: Sequence[str], root: str, device: str, batch_size: int
-    ):
+    def __init__(self, bundle: str, tasks: Sequence[str], root: str, device: str, batch_size: int):
         import torch
 
         from multimed.models.bundle import load_bundle
