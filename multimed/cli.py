@@ -363,13 +363,24 @@ def _loadtest(args) -> int:
 def _score(args) -> int:
     if args.ray_address is None:  # a local-only Ray, as `multimed serve`'s (see _serve)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from multimed.services.score import ScoreOptions, score
+    from multimed.services.config import load_serve_config
+    from multimed.services.score import FolderSource, PacsSource, ScoreOptions, score
 
+    if (args.input is None) == (args.pacs is None) or (args.pacs is None) != (args.studies is None):
+        raise ValueError("score: either --input DIR, or --pacs NAME with --studies FILE")
+    if args.input is not None:
+        source = FolderSource(args.input.resolve())
+    else:
+        pacs = _configured_pacs(args)
+        studies = [line.strip() for line in args.studies.read_text().splitlines()]
+        studies = [s for s in studies if s and not s.startswith("#")]
+        rules = load_serve_config(args.config).app.args.series_rules
+        source = PacsSource(args.pacs, pacs.settings, rules, studies)
     summary = score(
         ScoreOptions(
             bundle=args.bundle,
             tasks=tuple(dict.fromkeys(args.task)),
-            input=args.input,
+            source=source,
             out=args.out,
             ray_address=args.ray_address,
             batch_size=args.batch_size,
@@ -494,7 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score an archive on Ray Data into parquet (resumable)")
     p.add_argument("--task", action="append", required=True, help="repeatable")
-    p.add_argument("--input", type=Path, required=True, help="a folder of item folders")
+    p.add_argument("--input", type=Path, help="a folder of item folders (a synth cohort)")
+    p.add_argument("--pacs", help="instead: a PACS named in --config's args.pacs")
+    p.add_argument("--studies", type=Path, help="with --pacs: Study Instance UIDs, one a line")
+    p.add_argument("--config", type=Path, default=Path("deploy/serve_config.yaml"))
     p.add_argument("--out", type=Path, required=True, help="results.parquet")
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     p.add_argument("--ray-address", help="a Ray cluster (paths must be the same on its nodes)")

@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pydicom
+import yaml
 from servers import free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
@@ -184,3 +187,18 @@ def fhir_receiver(work: Path):
     finally:
         http.shutdown()
         http.server_close()
+
+
+def study_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(folder / "xray.dcm").StudyInstanceUID)
+
+
+def upload(orthanc, folder: Path, work: Path) -> subprocess.CompletedProcess:
+    """`multimed pacs upload` as an operator runs it, the PACS named in a serve config."""
+    config = work / "pacs_config.yaml"
+    config.write_text(
+        yaml.safe_dump({"applications": [{"args": {"pacs": {"main": orthanc.pacs_config()}}}]})
+    )
+    command = [sys.executable, "-m", "multimed.cli", "pacs", "upload", str(folder)]
+    command += ["--pacs", "main", "--config", str(config), "--no-progress"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)

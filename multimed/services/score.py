@@ -51,7 +51,7 @@ FINAL = frozenset({Status.OK.name, Status.INVALID_ARGUMENT.name, Status.NOT_FOUN
 class ScoreOptions:
     bundle: Path
     tasks: tuple[str, ...]
-    input: Path
+    source: FolderSource | PacsSource
     out: Path
     ray_address: str | None = None  # None: a local Ray of our own
     batch_size: int = 16  # items per Ray Data batch (and per encoder forward)
@@ -59,13 +59,6 @@ class ScoreOptions:
     checkpoint_every: int = 64  # items per checkpoint part
     device: str = "auto"
     progress: bool = True
-
-
-def folder_items(root: Path) -> list[str]:
-    """An archive folder's items: its subfolders (a `multimed synth` cohort's patients)."""
-    if not root.is_dir():
-        raise ValueError(f"--input {root}: not a directory")
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
 
 
 def item_inputs(folder: Path, task: str) -> tuple[RawInput, ...]:
@@ -76,6 +69,71 @@ def item_inputs(folder: Path, task: str) -> tuple[RawInput, ...]:
         files["text"] = folder / QUESTION_FILE
     spec = CATALOG.task(task)
     return tuple(read_input(m, files[m]) for m in spec.accepted if files[m].exists())
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """`--input DIR`: each subfolder is an item (a `multimed synth` cohort's patients)."""
+
+    root: Path
+
+    def items(self) -> list[str]:
+        if not self.root.is_dir():
+            raise ValueError(f"--input {self.root}: not a directory")
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def inputs(self, item: str, task: str) -> tuple[RawInput, ...]:
+        return item_inputs(self.root / item, task)
+
+
+class PacsSource:
+    """`--pacs NAME --studies FILE`: each listed Study Instance UID is an item, read from a
+    PACS of the serve config as PredictStudy reads it (QIDO-RS, the series rules, WADO-RS):
+    per modality the first series, in Series Number order, that retrieves as valid DICOM."""
+
+    def __init__(self, name: str, settings, rules: Sequence, studies: Sequence[str]):
+        from multimed.services.frontends.hospital.pacs import is_uid
+
+        bad = next((s for s in studies if not is_uid(s)), None)
+        if bad is not None:
+            raise ValueError(f"--studies: line {studies.index(bad) + 1} is not a DICOM UID")
+        self.name, self.settings, self.rules = name, settings, tuple(rules)
+        self.studies = list(dict.fromkeys(studies))
+        self._read: tuple[str, dict[str, RawInput]] | None = None  # the last study's series
+        self._pacs = None
+
+    def __getstate__(self) -> dict:  # a worker opens its own PACS session
+        return {**self.__dict__, "_read": None, "_pacs": None}
+
+    def items(self) -> list[str]:
+        return self.studies
+
+    def inputs(self, item: str, task: str) -> tuple[RawInput, ...]:
+        if self._read is None or self._read[0] != item:
+            self._read = (item, self._series(item))
+        reads = self._read[1]
+        return tuple(reads[m] for m in CATALOG.task(task).accepted if m in reads)
+
+    def _series(self, study: str) -> dict[str, RawInput]:
+        from pydicom.errors import InvalidDicomError
+
+        from multimed.services.frontends.hospital.pacs import Pacs, SeriesTooBig, wire_input
+        from multimed.services.frontends.hospital.routing import route
+
+        if self._pacs is None:
+            self._pacs = Pacs(self.name, self.settings)
+        pacs = self._pacs
+        reads: dict[str, RawInput] = {}
+        for r in (route(s, self.rules) for s in pacs.series(study)):
+            if not r.modality or r.modality in reads:
+                continue
+            try:
+                instances = pacs.retrieve(study, r.series)
+                if instances:
+                    reads[r.modality] = wire_input(r.modality, instances)
+            except (SeriesTooBig, InvalidDicomError, ValueError, AttributeError):
+                continue  # the next series of that modality, if any
+        return reads
 
 
 def answer_row(item: str, task: str, outcome: PredictResult | BaseException) -> dict:
@@ -100,7 +158,7 @@ class Scorer:
     """A Ray Data worker: the router with every needed encoder in process (no embedding cache:
     each item is seen once). Called with a batch of item names; returns their rows."""
 
-    def __init__(self, bundle: str, tasks: Sequence[str], root: str, device: str, batch_size: int):
+    def __init__(self, bundle: str, tasks: Sequence[str], source, device: str, batch_size: int):
         import torch
 
         from multimed.models.bundle import load_bundle
@@ -122,7 +180,7 @@ class Scorer:
         task_models.load_state_dict(loaded.tasks_state())
         self.router = Router(encoders, task_models, loaded.version, cache_entries=0)
         self.tasks = tuple(tasks)
-        self.root = Path(root)
+        self.source = source
         self.loop = asyncio.new_event_loop()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -131,8 +189,8 @@ class Scorer:
         for item in batch.column("item").to_pylist():
             for task in self.tasks:
                 try:
-                    inputs = item_inputs(self.root / item, task)
-                except Exception as error:  # unreadable file: this item's answer, no other's
+                    inputs = self.source.inputs(item, task)
+                except Exception as error:  # unreadable, not found: this item's, no other's
                     rows.append(answer_row(item, task, error))
                     continue
                 calls.append((item, task, PredictCall(f"{item}/{task}", task, inputs)))
@@ -210,7 +268,7 @@ class ScoreSummary:
 def score(options: ScoreOptions) -> ScoreSummary:
     for task in options.tasks:
         CATALOG.task(task)  # an unknown task is refused before Ray starts
-    items = folder_items(options.input)
+    items = options.source.items()
     results = Results(options.out)
     done = results.done(options.tasks)
     todo = [i for i in items if i not in done]
@@ -253,7 +311,7 @@ def _run(options: ScoreOptions, todo: list[str], results: Results) -> Iterator[p
             fn_constructor_args=(
                 str(options.bundle.resolve()),
                 options.tasks,
-                str(options.input.resolve()),
+                options.source,
                 options.device,
                 options.batch_size,
             ),

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,11 +14,10 @@ import grpc
 import highdicom as hd
 import pydicom
 import pytest
-import yaml
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
 from fhir.resources.R4B.bundle import Bundle
-from hospital import REFUSE_SR_ACCESSION
+from hospital import REFUSE_SR_ACCESSION, study_uid, upload
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -41,21 +38,6 @@ IMAGING_TASKS = {
 def dicomweb(orthanc) -> DICOMwebClient:
     session = create_session_from_user_pass(orthanc.username, orthanc.password)
     return DICOMwebClient(orthanc.dicomweb, session=session)
-
-
-def study_uid(folder: Path) -> str:
-    return str(pydicom.dcmread(folder / "xray.dcm").StudyInstanceUID)
-
-
-def upload(orthanc, folder: Path, work: Path) -> subprocess.CompletedProcess:
-    """`multimed pacs upload` as an operator runs it, the PACS named in a serve config."""
-    config = work / "pacs_config.yaml"
-    config.write_text(
-        yaml.safe_dump({"applications": [{"args": {"pacs": {"main": orthanc.pacs_config()}}}]})
-    )
-    command = [sys.executable, "-m", "multimed.cli", "pacs", "upload", str(folder)]
-    command += ["--pacs", "main", "--config", str(config), "--no-progress"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")

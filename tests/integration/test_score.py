@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
+from hospital import study_uid, upload
 
+from multimed.client.files import read_input
+from multimed.models.catalog import CATALOG
 from multimed.models.cohort.writer import write_cohort
 from multimed.services.score import item_inputs
 
@@ -132,3 +136,42 @@ def test_stopped_run_resumes_without_repeating_or_losing_items(server, tmp_path)
     )
     assert all(r["status"] == "OK" for r in rows)
     assert not parts.exists(), "the parts are merged into the one file"
+
+
+def test_studies_from_a_pacs_answer_as_the_server_does(server, orthanc, tmp_path):
+    """`--pacs main --studies FILE`: studies read over DICOMweb as PredictStudy reads them give
+    the answers the server gives for the same series; a study the PACS lacks is NOT_FOUND."""
+    assert upload(orthanc, server.cohort, tmp_path).returncode == 0
+    studies = {study_uid(p): p for p in server.patients}
+    missing = "1.2.826.0.1.3680043.8.498.999999"
+    listing = tmp_path / "studies.txt"
+    listing.write_text("# one Study Instance UID a line\n" + "\n".join([*studies, missing]) + "\n")
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(
+        yaml.safe_dump({"applications": [{"args": {"pacs": {"main": orthanc.pacs_config()}}}]})
+    )
+    out = tmp_path / "results.parquet"
+    tasks = ("bone_age_classification", "disease_classification")
+    pacs = ("--pacs", "main", "--studies", str(listing), "--config", str(config))
+    command = [str(BIN / "multimed"), "score", *pacs, "--out", str(out)]
+    command += ["--bundle", str(server.bundle), "--no-progress"]
+    done = subprocess.run(
+        [*command, *(f"--task={t}" for t in tasks)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r["item"], r["task"]): r for r in pq.read_table(out).to_pylist()}
+    assert {rows[(missing, t)]["status"] for t in tasks} == {"NOT_FOUND"}
+    with server.client() as client:
+        for uid, folder in studies.items():
+            for task in tasks:
+                row = rows[(uid, task)]
+                assert row["status"] == "OK", row
+                imaging = {"xray": folder / "xray.dcm", "ct": folder / "ct", "mri": folder / "mri"}
+                accepted = CATALOG.task(task).accepted
+                sent = {m: read_input(m, p) for m, p in imaging.items() if m in accepted}
+                assert row["used"] == [m for m in accepted if m in sent]
+                answer = client.predict(task, sent)
+                assert row["predicted"] == list(answer.predicted)
+                np.testing.assert_allclose(
+                    row["scores"], [[s.score for s in answer.scores]], atol=1e-4
+                )

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from multimed.cli import main
 from multimed.models.cohort.writer import QUESTION_FILE, write_cohort
-from multimed.services.score import SCHEMA, Results, item_inputs
+from multimed.services.score import SCHEMA, PacsSource, Results, item_inputs
 
 
 def rows(*entries: tuple[str, str, str]) -> pa.Table:
@@ -54,3 +56,16 @@ def test_item_inputs_read_a_synth_cohort_as_the_online_client_would(tmp_path):
     assert disease == {"xray", "ct", "mri", "text"}
     (patient / "xray.dcm").unlink()
     assert "xray" not in {r.modality for r in item_inputs(patient, "disease_classification")}
+
+
+def test_a_studies_line_that_is_not_a_uid_is_refused_before_any_request():
+    with pytest.raises(ValueError, match="line 2 is not a DICOM UID"):
+        PacsSource("main", None, (), ["1.2.3", "../../instances"])
+
+
+def test_score_needs_one_source(tmp_path, capsys):
+    out = str(tmp_path / "r.parquet")
+    assert main(["score", "--task", "bone_age_classification", "--out", out]) == 2
+    assert "either --input DIR, or --pacs NAME with --studies FILE" in capsys.readouterr().err
+    both = ["--input", str(tmp_path), "--pacs", "main"]
+    assert main(["score", "--task", "bone_age_classification", "--out", out, *both]) == 2

@@ -5,6 +5,7 @@ patient attribute or a URL's query."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from multimed.models.codecs.dicom import MAX_BYTES, MAX_SERIES_FILES
+from multimed.models.catalog import CATALOG, InputForm
+from multimed.models.codecs.dicom import MAX_BYTES, MAX_SERIES_FILES, to_bytes
 from multimed.models.errors import shown
+from multimed.models.inputs import RawInput
 from multimed.services.config import PacsSettings
 from multimed.services.errors import PacsUnavailable, StudyNotFound
 from multimed.services.frontends.hospital.findings import SeriesRef
@@ -155,6 +158,26 @@ class Pacs:
             for item in (answer.get("FailedSOPSequence") or ())
         )
         return Stored(stored, failed)
+
+
+# A UID is digits and dots, at most 64 characters (PS3.5 9.1); leading zeros, which the standard
+# forbids, are let through: real archives hold such UIDs.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def is_uid(value: str) -> bool:
+    """Whether `value` is a DICOM UID: what goes into a PACS URL path must be one, so that no
+    caller steers the URL ('../../instances', a query string)."""
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
+def wire_input(modality: str, instances: Sequence[Dataset]) -> RawInput:
+    """A retrieved series as the input its modality takes: a volume's every slice, or a 2-D
+    image's first instance (by Instance Number)."""
+    if InputForm.DICOM_SERIES in CATALOG.modality(modality).forms:
+        return RawInput(modality, InputForm.DICOM_SERIES, [to_bytes(ds) for ds in instances])
+    first = min(instances, key=lambda ds: int(ds.get("InstanceNumber") or 0))
+    return RawInput(modality, InputForm.DICOM, to_bytes(first))
 
 
 def study_date_today() -> str:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from multimed.models.catalog import CATALOG, InputForm, OutputKind
-from multimed.models.codecs.dicom import to_bytes
+from multimed.models.catalog import CATALOG, OutputKind
 from multimed.models.errors import MissingModality, shown
 from multimed.models.inputs import RawInput
 from multimed.models.outputs import output_of
@@ -26,16 +24,13 @@ from multimed.services.dataplane import DataPlane
 from multimed.services.errors import ProtocolError, Status, to_status
 from multimed.services.frontends.hospital.fhir import FhirOutcome, build_bundle, post_bundle
 from multimed.services.frontends.hospital.findings import SeriesRef, StudyFindings, TaskFinding
-from multimed.services.frontends.hospital.pacs import Pacs, SeriesTooBig
+from multimed.services.frontends.hospital.pacs import Pacs, SeriesTooBig, is_uid, wire_input
 from multimed.services.frontends.hospital.routing import Route, route
 from multimed.services.frontends.hospital.sr import build_sr
 from multimed.services.tokens import client_token
 from multimed.services.types import PredictCall, PredictResult
 
 log = logging.getLogger("multimed.hospital")
-# A UID is digits and dots, at most 64 characters (PS3.5 9.1); leading zeros, which the standard
-# forbids, are let through: real archives hold such UIDs.
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 @dataclass(frozen=True)
@@ -86,15 +81,6 @@ class _Read:
     instances: tuple[Dataset, ...]
 
 
-def _wire_input(modality: str, instances: Sequence[Dataset]) -> RawInput:
-    """A retrieved series as the input its modality takes: a volume's every slice, or a 2-D
-    image's first instance (by Instance Number)."""
-    if InputForm.DICOM_SERIES in CATALOG.modality(modality).forms:
-        return RawInput(modality, InputForm.DICOM_SERIES, [to_bytes(ds) for ds in instances])
-    first = min(instances, key=lambda ds: int(ds.get("InstanceNumber") or 0))
-    return RawInput(modality, InputForm.DICOM, to_bytes(first))
-
-
 class Studies:
     def __init__(self, plane: DataPlane, settings: HospitalSettings):
         self.plane = plane
@@ -120,7 +106,7 @@ class Studies:
     async def predict(self, request: StudyRequest) -> StudyResult:
         pacs = self._pacs(request.pacs)
         # The UID goes into the PACS's URL path: only a real UID, so no client steers the URL.
-        if len(request.study_uid) > 64 or not _UID.fullmatch(request.study_uid):
+        if not is_uid(request.study_uid):
             raise ProtocolError(f"study UID {shown(request.study_uid)} is not a DICOM UID")
         tasks = self._tasks(request.tasks)
         extra = await self._extra_inputs(request)
@@ -209,7 +195,7 @@ class Studies:
                 instances = await asyncio.to_thread(pacs.retrieve, request.study_uid, r.series)
                 if not instances:
                     raise SeriesTooBig("the PACS sent no instances")
-                raw = _wire_input(r.modality, instances)
+                raw = wire_input(r.modality, instances)
             except SeriesTooBig as e:
                 uses[r.series.uid] = r.ignored(f"not read: {e}")
                 continue
