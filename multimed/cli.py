@@ -237,16 +237,22 @@ def _study(args) -> int:
     return 0
 
 
-def _configured_pacs(args):
-    """The PACS named by --pacs, as --config (the serve config) describes it."""
+def _hospital(args):
+    """--config's (the serve config's) hospital settings, which must name the PACS --pacs."""
     from multimed.services.config import load_serve_config
+
+    hospital = load_serve_config(args.config).app.args.hospital()
+    if args.pacs not in hospital.pacs:
+        known = ", ".join(sorted(hospital.pacs)) or "none"
+        raise ValueError(f"no PACS {args.pacs!r} in {args.config}; configured: {known}")
+    return hospital
+
+
+def _configured_pacs(args):
+    """The PACS named by --pacs, as --config describes it."""
     from multimed.services.frontends.hospital.pacs import Pacs
 
-    settings = load_serve_config(args.config).app.args.hospital().pacs
-    if args.pacs not in settings:
-        known = ", ".join(sorted(settings)) or "none"
-        raise ValueError(f"no PACS {args.pacs!r} in {args.config}; configured: {known}")
-    return Pacs(args.pacs, settings[args.pacs])
+    return Pacs(args.pacs, _hospital(args).pacs[args.pacs])
 
 
 def _pacs_upload(args) -> int:
@@ -363,7 +369,6 @@ def _loadtest(args) -> int:
 def _score(args) -> int:
     if args.ray_address is None:  # a local-only Ray, as `multimed serve`'s (see _serve)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from multimed.services.config import load_serve_config
     from multimed.services.score import FolderSource, PacsSource, ScoreOptions, score
 
     if (args.input is None) == (args.pacs is None) or (args.pacs is None) != (args.studies is None):
@@ -371,11 +376,11 @@ def _score(args) -> int:
     if args.input is not None:
         source = FolderSource(args.input.resolve())
     else:
-        pacs = _configured_pacs(args)
+        hospital = _hospital(args)
         studies = [line.strip() for line in args.studies.read_text().splitlines()]
         studies = [s for s in studies if s and not s.startswith("#")]
-        rules = load_serve_config(args.config).app.args.series_rules
-        source = PacsSource(args.pacs, pacs.settings, rules, studies)
+        settings = hospital.pacs[args.pacs]
+        source = PacsSource(args.pacs, settings, hospital.series_rules, studies)
     summary = score(
         ScoreOptions(
             bundle=args.bundle,

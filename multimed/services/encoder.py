@@ -128,18 +128,11 @@ class Encoder(MemoryLimited):
     )
     async def run_batch(self, items: list[Batch]) -> list[Embedding | ModelFault]:
         depth = self.waiting
-        results: list[Embedding | ModelFault] = [None] * len(items)  # type: ignore[list-item]
         gpu = self.gpu.sample()
-        for members in self.core.kinds(items):
-            batch = self.pipeline.collate([items[i] for i in members])
-            if self.remote is None:
-                out = self.pipeline.forward(batch)
-            else:
-                out = await self.remote.forward(batch)
-            for i, result in zip(members, self.core.unbatch(out), strict=True):
-                results[i] = (
-                    result
-                    if isinstance(result, ModelFault)
-                    else Embedding(*result, len(items), depth, self.replica, gpu)
-                )
-        return results
+        forward = None if self.remote is None else self.remote.forward
+        return [
+            result
+            if isinstance(result, ModelFault)
+            else Embedding(*result, len(items), depth, self.replica, gpu)
+            for result in await self.core.encode(items, forward)
+        ]

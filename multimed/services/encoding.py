@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -44,16 +44,24 @@ class EncoderCore:
                 )
         return prepared
 
-    @staticmethod
-    def kinds(items: Sequence[Batch]) -> list[list[int]]:
-        """Indices of items that collate together: raw and model-ready items differ in their
-        keys (text: token ids vs features), and each kind runs apart."""
+    async def encode(
+        self, items: Sequence[Batch], forward: Callable[[Batch], Awaitable] | None = None
+    ) -> list[Encoded | ModelFault]:
+        """Model-ready items as batches, one per kind: raw and model-ready items differ in their
+        keys (text: token ids vs features). `forward`: a remote model's (Triton); default the
+        local one, run on this event loop."""
         kinds: dict[tuple[str, ...], list[int]] = {}
         for i, item in enumerate(items):
             kinds.setdefault(tuple(sorted(item)), []).append(i)
-        return list(kinds.values())
+        results: list[Encoded | ModelFault] = [None] * len(items)  # type: ignore[list-item]
+        for members in kinds.values():
+            batch = self.pipeline.collate([items[i] for i in members])
+            out = self.pipeline.forward(batch) if forward is None else await forward(batch)
+            for i, result in zip(members, self._unbatch(out), strict=True):
+                results[i] = result
+        return results
 
-    def unbatch(self, out) -> list[Encoded | ModelFault]:
+    def _unbatch(self, out) -> list[Encoded | ModelFault]:
         """A forward's output -> per item its arrays, or a ModelFault where the model produced
         non-finite values (finite inputs are checked on decode: that is the model's fault)."""
         results: list[Encoded | ModelFault] = []
@@ -70,36 +78,28 @@ class EncoderCore:
                 results.append((pooled, tokens))
         return results
 
-    def encode(self, items: Sequence[Batch]) -> list[Encoded | ModelFault]:
-        """Model-ready items through the local model, each kind as one batch."""
-        results: list[Encoded | ModelFault] = [None] * len(items)  # type: ignore[list-item]
-        for members in self.kinds(items):
-            out = self.pipeline.forward(self.pipeline.collate([items[i] for i in members]))
-            for i, result in zip(members, self.unbatch(out), strict=True):
-                results[i] = result
-        return results
-
 
 class LocalEncoder:
     """An encoder in this process with a deployment handle's call shape
-    (`await encode_many.remote(raws, deadlines)`), so that the router runs unchanged; inputs run
-    in batches of at most `batch_size`, in a worker thread."""
+    (`await encode_many.remote(raws, deadlines)`), so that the router runs unchanged: inputs
+    are decoded in a worker thread, then run in batches of at most `batch_size`."""
 
     def __init__(self, core: EncoderCore, batch_size: int):
         self.core = core
         self.batch_size = batch_size
         self.encode_many = self  # handle.encode_many.remote(...)
 
-    def remote(self, raws: Sequence[RawInput], deadlines=None):
-        return asyncio.to_thread(self._encode, raws)
+    def remote(self, raws: Sequence[RawInput], deadlines=None) -> asyncio.Task:
+        """A task, as a Ray response is something the router can cancel on timeout."""
+        return asyncio.ensure_future(self._encode(raws))
 
-    def _encode(self, raws: Sequence[RawInput]) -> list[Embedding | Exception]:
-        prepared = self.core.prepare(raws)
+    async def _encode(self, raws: Sequence[RawInput]) -> list[Embedding | Exception]:
+        prepared = await asyncio.to_thread(self.core.prepare, raws)
         valid = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
         out: list[Embedding | Exception] = list(prepared)  # type: ignore[arg-type]
         for start in range(0, len(valid), self.batch_size):
             chunk = valid[start : start + self.batch_size]
-            encoded = self.core.encode([prepared[i] for i in chunk])  # type: ignore[misc]
+            encoded = await self.core.encode([prepared[i] for i in chunk])  # type: ignore[misc]
             for i, result in zip(chunk, encoded, strict=True):
                 out[i] = result if isinstance(result, Exception) else Embedding(*result, len(chunk))
         return out

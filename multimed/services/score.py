@@ -45,6 +45,9 @@ SCHEMA = pa.schema(
 # Answers that a new attempt would repeat: the item is done. Anything else (a worker lost, an
 # encoder fault) is tried again by the next run.
 FINAL = frozenset({Status.OK.name, Status.INVALID_ARGUMENT.name, Status.NOT_FOUND.name})
+# No caller waits on a batch offline: an encoder's batch (a few dozen CT series, say) may take
+# far longer than the server's 30 s before it counts as stuck.
+ENCODE_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class PacsSource:
             raise ValueError(f"--studies: line {studies.index(bad) + 1} is not a DICOM UID")
         self.name, self.settings, self.rules = name, settings, tuple(rules)
         self.studies = list(dict.fromkeys(studies))
-        self._read: tuple[str, dict[str, RawInput]] | None = None  # the last study's series
+        self._read: tuple[str, dict[str, RawInput] | Exception] | None = None  # the last study
         self._pacs = None
 
     def __getstate__(self) -> dict:  # a worker opens its own PACS session
@@ -109,9 +112,16 @@ class PacsSource:
         return self.studies
 
     def inputs(self, item: str, task: str) -> tuple[RawInput, ...]:
+        """Each task of a study reuses its one reading, or its one failure (not found, the PACS
+        down): the PACS is asked once a study."""
         if self._read is None or self._read[0] != item:
-            self._read = (item, self._series(item))
+            try:
+                self._read = (item, self._series(item))
+            except Exception as error:
+                self._read = (item, error)
         reads = self._read[1]
+        if isinstance(reads, Exception):
+            raise reads
         return tuple(reads[m] for m in CATALOG.task(task).accepted if m in reads)
 
     def _series(self, study: str) -> dict[str, RawInput]:
@@ -178,7 +188,9 @@ class Scorer:
             encoders[m] = LocalEncoder(EncoderCore(m, pipeline), batch_size)
         task_models = TaskModels(loaded.config)
         task_models.load_state_dict(loaded.tasks_state())
-        self.router = Router(encoders, task_models, loaded.version, cache_entries=0)
+        self.router = Router(
+            encoders, task_models, loaded.version, cache_entries=0, encoder_timeout_s=ENCODE_S
+        )
         self.tasks = tuple(tasks)
         self.source = source
         self.loop = asyncio.new_event_loop()

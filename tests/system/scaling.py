@@ -118,8 +118,8 @@ class ReplicaLog:
     def now(self) -> float:
         return time.monotonic() - self.started
 
-    def peak(self, since: float = 0.0) -> int:
-        return max((n for t, n in self.samples if t >= since), default=0)
+    def peak(self) -> int:
+        return max((n for _, n in self.samples), default=0)
 
 
 def loadtest_command(server, token_file: Path, concurrency: int, seconds: float) -> list[str]:

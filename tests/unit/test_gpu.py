@@ -23,7 +23,6 @@ def test_unreadable_gpu_is_reported_once_then_left_alone(caplog):
         gpu.at = float("-inf")  # past the sampling interval: it would ask again if it could
         assert gpu.sample() is None
     assert len([r for r in caplog.records if "unreadable" in r.getMessage()]) == 1
-    assert pick_device("auto") == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
