@@ -5,6 +5,7 @@ SIGINT as an operator's Ctrl-C would, and killed with its whole session if it ha
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -163,13 +164,18 @@ def session_processes(sid: int) -> dict[int, str]:
     return out
 
 
+_REPLICA_TITLE = re.compile(r"ServeReplica:multimed:([\w-]+)")
+
+
 def replicas(sid: int) -> dict[str, list[int]]:
     """Deployment name -> pids of its replica processes in session `sid` (a server's, or a Ray
     node's): an embedded Ray is local-only, so another process cannot join it as a driver."""
     out: dict[str, list[int]] = {}
     for pid, cmd in sorted(session_processes(sid).items()):
-        if "ServeReplica:multimed:" in cmd:
-            out.setdefault(cmd.split("ServeReplica:multimed:")[1].split()[0], []).append(pid)
+        # Ray retitles an actor's process while a method runs ("ray::ServeReplica:multimed:
+        # encoder-xray.check_health()"), so the name ends at the first character that is not one.
+        if found := _REPLICA_TITLE.search(cmd):
+            out.setdefault(found[1], []).append(pid)
     return out
 
 

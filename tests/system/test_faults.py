@@ -9,7 +9,7 @@ import time
 
 from grpc_health.v1 import health_pb2
 from load import SCRNA_TASK, XRAY_TASK, ClosedLoop, codes, inputs, load
-from servers import health, replicas
+from servers import health, metric, replicas, scrape
 
 
 def _xray_replicas(server) -> list[int]:
@@ -44,7 +44,11 @@ def test_encoder_replica_killed_under_load(server):
     assert codes(xray) == {"OK": 600}
     assert codes(scrna) == {"OK": 300}
     assert scrna.max_ms < 2000
-    while len(_xray_replicas(server)) < 2 or replicas[0] in _xray_replicas(server):
+    # Replaced means RUNNING by Serve's account (the server's gauge), not a process in __init__.
+    while (
+        replicas[0] in _xray_replicas(server)
+        or metric(scrape(server), "multimed_encoder_replicas", modality="xray") < 2
+    ):
         assert time.monotonic() - killed_at < 30, "X-ray replica not replaced in 30 s"
         time.sleep(0.5)
     print(f"replica replaced after {time.monotonic() - killed_at:.1f} s")
