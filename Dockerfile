@@ -15,6 +15,9 @@ FROM ${BASE} AS base
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# nginx: the gateway's native front (`multimed serve --front`), which refuses overload itself.
+RUN apt-get update && apt-get install -y --no-install-recommends nginx-light \
+ && rm -rf /var/lib/apt/lists/*
 # torch first, from the chosen index, so that the project's `torch>=` range is already met and
 # pulls nothing else (as the Makefile's install does). Its own layer: code changes keep it.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"

@@ -104,6 +104,8 @@ def _serve(args) -> int:
         "audit_log": args.audit_log,
     }
     gateway.update({k: v for k, v in overrides.items() if v is not None})
+    if args.front and gateway.get("front") is None:
+        gateway["front"] = {}  # nginx with the defaults of FrontSettings
     if args.tls_cert or args.tls_key or args.tls_client_ca:
         gateway["tls"] = {
             "cert": args.tls_cert,
@@ -497,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="its private key (PEM)")
     p.add_argument("--tls-client-ca", help="mTLS: clients need a certificate signed by this CA")
     p.add_argument("--audit-log", help="also append the audit log's lines here")
+    p.add_argument(
+        "--front",
+        action="store_true",
+        help="nginx on the port before the listener: calls past gateway.front.max_calls (256) "
+        "get RESOURCE_EXHAUSTED from it, fast under any overload (needs nginx)",
+    )
     p.add_argument("--ray-address", help="join a running Ray cluster ('auto') instead")
     p.add_argument(
         "--dashboard-port",

@@ -66,6 +66,8 @@ def server(tmp_path_factory, bundle, cohort, orthanc, fhir, silent_port) -> Serv
         "fhir": {"url": receiver.url, "token_file": str(fhir_token), "attempts": 3},
     }
     config = serve_config(work / "serve_config.yaml", bundle, hospital=hospital)
-    extra = ("--dashboard-port", str(free_port()))  # Ray's own tools are tested against it
+    # Ray's own tools are tested against its dashboard. Its clients reach it through the nginx
+    # front (the overload test needs it), so every protocol is tested through nginx as well.
+    extra = ("--dashboard-port", str(free_port()), "--front")
     with running_server(work, config, extra=extra) as (url, metrics_url, process):
         yield Server(url, metrics_url, bundle, cohort, process, log=work / "serve.log")

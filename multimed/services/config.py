@@ -95,6 +95,20 @@ class TLSSettings(Strict):
     client_ca: str | None = None
 
 
+class FrontSettings(Strict):
+    """A native front (nginx) on the gateway's address, before the Python listener: past
+    `max_calls` calls open at once it answers RESOURCE_EXHAUSTED itself, fast at rates the listener
+    cannot take calls at (see frontends/front.py); it ends TLS. Health calls are not limited."""
+
+    # Per router replica. The router runs coalesce_slots x coalesce_max (2 x 64) Predict calls at
+    # once; calls past that only wait, holding memory (and under overload, CPU).
+    max_calls: int = Field(128, ge=1)
+    nginx: str = "nginx"  # the binary (Debian: nginx-light)
+    # The nice of its worker: refusals stay fast while replicas take every core (needs root or
+    # CAP_SYS_NICE below 0; otherwise nginx logs it and runs at the default).
+    priority: int = Field(-10, ge=-20, le=19)
+
+
 class GatewaySettings(Strict):
     """The gRPC front doors, run inside each router replica. Secrets are never values here: the
     token file and TLS key are paths (tokens may also come from MULTIMED_TOKEN)."""
@@ -115,6 +129,20 @@ class GatewaySettings(Strict):
     audit_log: str | None = None  # also append the audit log's JSON lines to this file
     coalesce_max: int = Field(64, ge=1)  # Predict calls per router call
     coalesce_slots: int = Field(2, ge=1)  # router calls in flight at once
+    front: FrontSettings | None = None  # None: the listener takes calls on the port itself
+
+    @model_validator(mode="after")
+    def _front_fits(self) -> GatewaySettings:
+        if self.front is None:
+            return self
+        if self.port == 0:
+            raise ValueError("gateway.front needs a fixed port (nginx cannot pick one)")
+        if self.tls is not None and self.tls.client_ca is not None:
+            raise ValueError(
+                "gateway.front ends TLS, so the listener would not see client certificates: "
+                "mutual TLS (tls.client_ca) needs the listener on the port (leave front out)"
+            )
+        return self
 
     def with_absolute_paths(self) -> GatewaySettings:
         """The same settings with every file path absolute: replicas may start in another

@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
 import numpy as np
+from servers import session_processes
 
 from multimed.client.channel import ChannelSettings
 from multimed.client.loadtest import (
@@ -62,3 +67,31 @@ def open_loop(rate: float, n: int) -> OpenLoop:
 
 def codes(stats: Stats) -> dict[str, int]:
     return {**({"OK": stats.ok} if stats.ok else {}), **stats.errors_by_code}
+
+
+def _pin(pids, cpus: set[int]) -> None:
+    """Every thread of these processes onto `cpus` (threads started later inherit it)."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except OSError:
+                continue  # exited meanwhile
+
+
+@contextmanager
+def cores_apart(server):
+    """This process (the load generator) alone on the first CPU, the server on the others, as
+    if the clients ran on another machine: otherwise a generator at thousands of calls a second
+    shares the server's two cores and its own lag is counted as the server's latency."""
+    cpus = os.sched_getaffinity(0)
+    mine, theirs = {min(cpus)}, cpus - {min(cpus)}
+    assert theirs, "needs two CPUs"
+    pids = list(session_processes(server.process.pid))
+    _pin([os.getpid()], mine)
+    _pin(pids, theirs)
+    try:
+        yield
+    finally:
+        _pin([os.getpid()], cpus)
+        _pin(session_processes(server.process.pid), cpus)

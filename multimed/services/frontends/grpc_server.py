@@ -2,7 +2,8 @@
 reflection. It owns transport security (TLS, or mTLS with a client CA; certificates are read again
 when their files change, at the next handshake), the guard (token auth, parsing, errors; see
 `guard.py`) and the transport's limits: RPCs and connections at once. Front doors are registered
-in FRONT_DOORS.
+in FRONT_DOORS. With `gateway.front`, nginx takes the port and ends TLS (front.py); the
+listener then serves a unix socket behind it.
 
 Health names: "" and each protocol's service are SERVING while the replica serves; `task/<id>`
 is SERVING while every encoder the task needs has a live replica, `encoder/<modality>` while
@@ -10,6 +11,7 @@ that encoder has one."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from multimed.models.catalog import CATALOG
 from multimed.services.config import GatewaySettings, TLSSettings
 from multimed.services.frontends.auth import Tokens
+from multimed.services.frontends.front import Front
 from multimed.services.frontends.grpc_common import NOT_READY, Door, Readiness
 from multimed.services.frontends.guard import Guard
 from multimed.services.frontends.hospital import servicer as hospital
@@ -86,6 +89,7 @@ class Listener:
     port: int
     health: health.aio.HealthServicer
     door: Door
+    front: Front | None = None
     readiness: Readiness = NOT_READY
     _sent: dict[str, int] = field(default_factory=dict)  # each health name's status as set
 
@@ -119,7 +123,12 @@ class Listener:
         """NOT_SERVING everywhere first (load balancers stop sending), then calls in flight
         get `grace_s` to finish."""
         await self.set_readiness(NOT_READY)
-        await self.server.stop(grace_s)
+        if self.front is not None:  # it finishes its calls through the listener, then exits
+            await asyncio.gather(
+                asyncio.to_thread(self.front.stop, grace_s), self.server.stop(grace_s)
+            )
+        else:
+            await self.server.stop(grace_s)
 
 
 async def start_listener(door: Door, tokens: Tokens) -> Listener:
@@ -135,7 +144,8 @@ async def start_listener(door: Door, tokens: Tokens) -> Listener:
         ("grpc.so_reuseport", 1),
     ]
     guard = Guard(tokens if tokens.enabled else None, OPEN_PREFIXES)
-    # Past max_rpcs, gRPC answers RESOURCE_EXHAUSTED itself, before any handler runs.
+    # Past max_rpcs, grpc.aio stops taking calls (it does not refuse them): they wait in gRPC
+    # core, which past 1,000 drops them as CANCELLED. Admission and the front refuse earlier.
     server = grpc.aio.server(
         interceptors=[guard], options=options, maximum_concurrent_rpcs=settings.max_rpcs
     )
@@ -149,12 +159,22 @@ async def start_listener(door: Door, tokens: Tokens) -> Listener:
         reflection.enable_server_reflection(
             (*door.services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    address = f"{settings.host}:{settings.port}"
-    if settings.tls is None:
-        port = server.add_insecure_port(address)
+    front = Front(settings) if settings.front is not None else None
+    if front is not None:  # nginx takes the port and ends TLS; the listener serves its socket
+        server.add_insecure_port(front.upstream())
+        port = settings.port
+    elif settings.tls is None:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     else:
-        port = server.add_secure_port(address, CertificateFiles(settings.tls).credentials())
+        credentials = CertificateFiles(settings.tls).credentials()
+        port = server.add_secure_port(f"{settings.host}:{settings.port}", credentials)
     await server.start()
-    listener = Listener(server, port, health_servicer, door)
+    if front is not None:
+        try:
+            front.start()
+        except Exception:
+            await server.stop(None)
+            raise
+    listener = Listener(server, port, health_servicer, door, front)
     await listener.set_readiness(NOT_READY)
     return listener
