@@ -188,6 +188,11 @@ def _predict(args) -> int:
         print(f"missing     {', '.join(response.modalities_missing)}")
     for m, c in response.contributions.items():
         print(f"contrib     {m:10s} {c:.3f}")
+    for m, o in response.out_of_distribution.items():
+        verdict = (
+            "OUT OF DISTRIBUTION: do not trust this answer" if o.flagged else "in distribution"
+        )
+        print(f"ood         {m:10s} {o.score:.2f} (threshold {o.threshold:.2f})  {verdict}")
     print(f"bundle      {response.bundle_version}   server {response.timing.server_ms:.1f} ms")
     return 0
 

@@ -18,7 +18,7 @@ from multimed.models.catalog import CATALOG, CATALOG_VERSION
 from multimed.models.config import ModelConfig
 from multimed.models.errors import BundleError
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: calibration temperatures and OOD statistics in tasks.safetensors
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"
 TASKS_FILE = "tasks.safetensors"
@@ -108,7 +108,8 @@ def load_bundle(path: str | Path) -> Bundle:
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("bundle_format") != BUNDLE_FORMAT:
         raise BundleError(
-            f"bundle {path}: unsupported bundle_format {manifest.get('bundle_format')}"
+            f"bundle {path}: unsupported bundle_format {manifest.get('bundle_format')} (this "
+            f"server reads {BUNDLE_FORMAT}; train it again with `multimed train`)"
         )
     if manifest.get("catalog_version") != CATALOG_VERSION:
         raise BundleError(

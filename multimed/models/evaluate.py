@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from multimed.models.cohort.dataset import CohortTensors, TaskData
+from multimed.models.cohort.dataset import CohortTensors, TaskData, select
 from multimed.models.outputs import output_of
+from multimed.models.trust import calibration
 
 EVAL_BATCH = 128
 
@@ -19,6 +20,60 @@ def _raw_outputs(model, data: CohortTensors, task: TaskData, idx: Tensor, presen
         for i in range(0, len(idx), EVAL_BATCH)
     ]
     return output_of(task.spec).cat(chunks)
+
+
+def task_raw(model, data: CohortTensors, task: TaskData, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Uncalibrated raw outputs and targets of the items of `idx` that a request could carry."""
+    present = task.present[idx]
+    keep = present.any(1)
+    idx, present = idx[keep], present[keep]
+    return _raw_outputs(model, data, task, idx, present), task.target[idx]
+
+
+def calibration_report(model, data: CohortTensors, test_idx: Tensor) -> dict:
+    """Per task with probability scores: its temperature, and ECE / Brier / NLL on the test
+    split before (T = 1) and after calibration."""
+    out = {}
+    for t, task in data.tasks.items():
+        output = output_of(task.spec)
+        if not output.calibrated:
+            continue
+        raw, target = task_raw(model, data, task, test_idx)
+        temperature = float(model.task_models.tasks[t].temperature)
+        out[t] = {
+            "temperature": round(temperature, 3),
+            "before": calibration(output, raw, target),
+            "after": calibration(output, raw / temperature, target),
+        }
+    return out
+
+
+@torch.no_grad()
+def pooled(model, parts: list[tuple[CohortTensors, Tensor]], modality: str) -> Tensor:
+    """Pooled embeddings [N, D] of every `modality` input the items of `idx` have, from each
+    (data, idx) part: all its sources (a clinical note and a VQA question are both text)."""
+    out = []
+    for data, idx in parts:
+        sources: dict[str, Tensor] = {}
+        for task in data.tasks.values():
+            if modality in task.sources:
+                j = task.spec.accepted.index(modality)
+                have = task.available[idx, j]
+                key = task.sources[modality]
+                sources[key] = sources[key] | have if key in sources else have
+        for key, have in sources.items():
+            chosen = idx[have]
+            for i in range(0, len(chosen), EVAL_BATCH):
+                batch = select(data.inputs[key], chosen[i : i + EVAL_BATCH])
+                out.append(model.encoders[modality](batch).pooled)
+    return torch.cat(out)
+
+
+def flagged_share(model, parts: list[tuple[CohortTensors, Tensor]], modality: str) -> dict:
+    """How many in-distribution held-out inputs the OOD flag marks (about 5 % by design)."""
+    flags = model.task_models.novelty[modality].flags(pooled(model, parts, modality))
+    share = sum(f.flagged for f in flags) / max(1, len(flags))
+    return {"n": len(flags), "flagged": round(share, 4)}
 
 
 def _score(model, data, task: TaskData, idx: Tensor, present: Tensor) -> float | None:
@@ -71,4 +126,18 @@ def format_table(metrics: dict) -> str:
     for t, rows in metrics.get("ablations", {}).items():
         cells = ", ".join(f"{k}={v:.3f}" for k, v in rows.items() if v is not None)
         lines.append(f"  ablation {t}: {cells}")
+    calibrated = metrics.get("calibration", {})
+    if calibrated:
+        lines.append(f"{'calibration (test split)':40s} {'T':>6s}   ECE before -> after   NLL")
+    for t, r in calibrated.items():
+        b, a = r["before"], r["after"]
+        lines.append(
+            f"{t:40s} {r['temperature']:6.2f}   {b['ece']:.3f} -> {a['ece']:.3f}"
+            f"        {b['nll']:.3f} -> {a['nll']:.3f}"
+        )
+    ood = metrics.get("out_of_distribution", {})
+    if ood:
+        lines.append("out-of-distribution flag: threshold, share of held-out inputs flagged")
+        cells = (f"{m} {r['threshold']:.2f} ({r['flagged']:.0%})" for m, r in ood.items())
+        lines.append("  " + ", ".join(cells))
     return "\n".join(lines)

@@ -39,6 +39,8 @@ class Output(ABC):
     kind: OutputKind
     per_token: ClassVar[bool] = False  # raw outputs and scores carry a token axis
     predicts_labels: ClassVar[bool] = True  # `Prediction.predicted` names labels
+    # Scores are probabilities from logits, so a temperature calibrates them (models/trust.py).
+    calibrated: ClassVar[bool] = True
 
     def score_dims(self, n_labels: int) -> tuple[int, ...]:
         """One item's raw output (and scores) shape; -1 where the length varies."""
@@ -80,6 +82,11 @@ class Output(ABC):
     def baseline(self, train: Tensor, test: Tensor) -> float:
         """The metric of a predictor that ignores its inputs, fitted on the training targets."""
 
+    def events(self, raw: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (probability, outcome) per scored event, both [E], outcome 0/1: what calibration
+        compares (ECE, Brier). Kinds without probabilities have none."""
+        raise NotImplementedError(f"{self.kind} scores are not probabilities")
+
 
 class SingleLabel(Output):
     """One of n labels (a closed answer vocabulary too); scored by accuracy."""
@@ -106,6 +113,15 @@ class SingleLabel(Output):
     def baseline(self, train, test):
         majority = torch.bincount(train).argmax()
         return float((test == majority).float().mean())
+
+    def events(self, raw, target):
+        return _top_label(raw, target)
+
+
+def _top_label(raw: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """The top label's probability, and whether it was right."""
+    p = raw.softmax(-1)
+    return p.max(-1).values, (p.argmax(-1) == target).float()
 
 
 def _float_rows(labels: Sequence[object]) -> Tensor:
@@ -141,11 +157,15 @@ class MultiLabel(Output):
     def baseline(self, train, test):
         return self.metric(torch.full(test.shape, 0.5), test)
 
+    def events(self, raw, target):
+        return raw.sigmoid().flatten(), target.float().flatten()  # each label a yes/no
+
 
 class Regression(Output):
     """A value per label; the scores are the values; scored by R²."""
 
     predicts_labels = False
+    calibrated = False
 
     def targets(self, labels):
         return _float_rows(labels)
@@ -222,6 +242,11 @@ class PerToken(Output):
         majority = torch.bincount(train[train >= 0]).argmax()
         mask = test >= 0
         return float((test[mask] == majority).float().mean())
+
+    def events(self, raw, target):
+        target = target[:, : raw.shape[1]]
+        mask = target >= 0
+        return _top_label(raw[mask], target[mask])
 
 
 def _register(*outputs: Output) -> dict[OutputKind, Output]:

@@ -13,6 +13,7 @@ from multimed.models.fusion import build_fusion
 from multimed.models.heads import Head
 from multimed.models.modalities.base import EncoderOutput
 from multimed.models.outputs import Prediction, output_of
+from multimed.models.trust import Novelty, OodScore
 
 
 class TaskModel(nn.Module):
@@ -21,6 +22,9 @@ class TaskModel(nn.Module):
         self.spec = spec
         self.fusion = build_fusion(config.fusion, spec.accepted, config.embed_dim)
         self.head = Head(spec, config.embed_dim)
+        # Fitted after training on the validation split (trust.fit_temperature); forward stays
+        # uncalibrated, as training needs it, and predict divides by it.
+        self.register_buffer("temperature", torch.ones(()))
 
     def forward(
         self,
@@ -38,6 +42,7 @@ class TaskModels(nn.Module):
         super().__init__()
         self.config = config
         self.tasks = nn.ModuleDict({t: TaskModel(s, config) for t, s in CATALOG.tasks.items()})
+        self.novelty = nn.ModuleDict({m: Novelty(config.embed_dim) for m in CATALOG.modalities})
 
     @torch.inference_mode()
     def predict(self, task_id: str, outputs: Mapping[str, EncoderOutput]) -> list[Prediction]:
@@ -52,5 +57,11 @@ class TaskModels(nn.Module):
         if spec.token_modality:  # the modality whose tokens a per-token head labels
             tokens = outputs[spec.token_modality].tokens
             mask = outputs[spec.token_modality].token_mask
-        raw = self.tasks[task_id](embeddings, present, tokens)
+        model = self.tasks[task_id]
+        raw = model(embeddings, present, tokens) / model.temperature
         return output_of(spec).predictions(spec.labels, raw, mask)
+
+    @torch.inference_mode()
+    def out_of_distribution(self, modality: str, pooled: Tensor) -> list[OodScore]:
+        """Pooled embeddings [B, D] of one modality -> per item its OOD score and flag."""
+        return self.novelty[modality].flags(pooled)

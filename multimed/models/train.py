@@ -21,11 +21,12 @@ from multimed.models.codecs.types import GeneCounts
 from multimed.models.cohort.dataset import CohortTensors, TaskData, build_tensors
 from multimed.models.cohort.synthetic import generate_cohort, load_pbmc68k
 from multimed.models.config import Frozen, ModelConfig
-from multimed.models.evaluate import evaluate
+from multimed.models.evaluate import calibration_report, evaluate, flagged_share, pooled, task_raw
 from multimed.models.modalities.base import ModalityPipeline
 from multimed.models.modalities.registry import build_pipelines
 from multimed.models.model import Model
 from multimed.models.outputs import output_of
+from multimed.models.trust import fit_temperature
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ REAL_CELLS = "pbmc68k_reduced"
 class TrainSettings(Frozen):
     patients: int = Field(1500, ge=20)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    # Calibration temperatures and OOD thresholds are fitted here: never on the test split.
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5)
     seed: int = 0
     epochs: int = Field(12, ge=1)  # ~3.5 min on 2 CPU cores with the default cohort
     batch_size: int = Field(32, ge=2)
@@ -89,29 +92,62 @@ def real_cell_tensors(pipelines: dict[str, ModalityPipeline]) -> CohortTensors:
     return CohortTensors({"scrna": batch}, {spec.id: task}, len(labels))
 
 
-def split(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_test = max(1, round(n * test_fraction))
-    return order[n_test:], order[:n_test]
+@dataclass(frozen=True)
+class Split:
+    train: Tensor
+    validation: Tensor
+    test: Tensor
+
+
+def split(n: int, settings: TrainSettings) -> Split:
+    """A deterministic train / validation / test split of n items."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed))
+    n_test = max(1, round(n * settings.test_fraction))
+    n_val = max(1, round(n * settings.validation_fraction))
+    return Split(order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test])
 
 
 @dataclass
 class Prepared:
-    """The cohort tensors and the deterministic train/test split, from the settings alone."""
+    """The cohort tensors and their deterministic split, from the settings alone."""
 
     data: CohortTensors
-    train_idx: Tensor
-    test_idx: Tensor
+    split: Split
     real: CohortTensors | None = None
-    real_train: Tensor | None = None
-    real_test: Tensor | None = None
+    real_split: Split | None = None
 
     def evaluate(self, model: Model) -> dict:
-        metrics = evaluate(model, self.data, self.train_idx, self.test_idx)
+        metrics = evaluate(model, self.data, self.split.train, self.split.test)
+        metrics["calibration"] = calibration_report(model, self.data, self.split.test)
+        metrics["out_of_distribution"] = {
+            m: {"threshold": round(float(model.task_models.novelty[m].threshold), 4)}
+            | flagged_share(model, [(self.data, self.split.test)], m)
+            for m in self.modalities()
+        }
         if self.real is not None:
-            real = evaluate(model, self.real, self.real_train, self.real_test)
+            real = evaluate(model, self.real, self.real_split.train, self.real_split.test)
             metrics["real_data"] = {REAL_CELLS: real["tasks"]}
         return metrics
+
+    def modalities(self) -> list[str]:
+        return sorted({m for task in self.data.tasks.values() for m in task.sources})
+
+    def fit_trust(self, model: Model) -> None:
+        """Per task the temperature, per modality the OOD statistics (training embeddings) and
+        threshold (validation embeddings); the real cells count as in-distribution too."""
+        model.eval()
+        for t, task in self.data.tasks.items():
+            raw, target = task_raw(model, self.data, task, self.split.validation)
+            model.task_models.tasks[t].temperature.fill_(
+                fit_temperature(output_of(task.spec), raw, target)
+            )
+        train = [(self.data, self.split.train)]
+        validation = [(self.data, self.split.validation)]
+        if self.real is not None:  # pooled() takes from each part the modalities it has
+            train.append((self.real, self.real_split.train))
+            validation.append((self.real, self.real_split.validation))
+        for m in self.modalities():
+            model.task_models.novelty[m].fit(pooled(model, train, m), pooled(model, validation, m))
 
 
 def prepare(settings: TrainSettings, pipelines: dict[str, ModalityPipeline]) -> Prepared:
@@ -120,12 +156,10 @@ def prepare(settings: TrainSettings, pipelines: dict[str, ModalityPipeline]) -> 
     cohort = generate_cohort(settings.patients, settings.seed)
     log.info("cohort of %d generated in %.1fs", len(cohort), time.monotonic() - started)
     data = build_tensors(cohort, pipelines, tasks)
-    prepared = Prepared(data, *split(data.n, settings.test_fraction, settings.seed))
+    prepared = Prepared(data, split(data.n, settings))
     if settings.real_cells and "cell_type_classification" in tasks:
         prepared.real = real_cell_tensors(pipelines)
-        prepared.real_train, prepared.real_test = split(
-            prepared.real.n, settings.test_fraction, settings.seed
-        )
+        prepared.real_split = split(prepared.real.n, settings)
     log.info("tensors ready in %.1fs", time.monotonic() - started)
     return prepared
 
@@ -137,7 +171,7 @@ def train(out: Path, settings: TrainSettings, config: ModelConfig) -> Bundle:
     all_pipelines = build_pipelines(config)
     pipelines = {m: all_pipelines[m] for m in settings.modalities}
     prep = prepare(settings, pipelines)
-    data, train_idx, test_idx, real = prep.data, prep.train_idx, prep.test_idx, prep.real
+    data, train_idx, real = prep.data, prep.split.train, prep.real
     model = Model(all_pipelines, config)
     trainable = [p for m in pipelines for p in model.encoders[m].parameters()]
     trainable += list(model.task_models.parameters())
@@ -155,8 +189,8 @@ def train(out: Path, settings: TrainSettings, config: ModelConfig) -> Bundle:
             idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
             total = _step_loss(model, data, idx, settings, gen)
             if real is not None:
-                pick = torch.randint(len(prep.real_train), (len(idx),), generator=gen)
-                ridx = prep.real_train[pick]
+                pick = torch.randint(len(prep.real_split.train), (len(idx),), generator=gen)
+                ridx = prep.real_split.train[pick]
                 total = total + _step_loss(model, real, ridx, settings, gen)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -173,14 +207,15 @@ def train(out: Path, settings: TrainSettings, config: ModelConfig) -> Bundle:
         )
     train_seconds = time.monotonic() - started
 
-    model.eval()
+    prep.fit_trust(model)
     metrics = prep.evaluate(model)
+    held = prep.split
     info = {
         "training": {
             "data": f"synthetic cohort: {settings.patients} patients, seed {settings.seed}, "
-            f"{len(test_idx)} held out"
+            f"{len(held.validation)} for validation, {len(held.test)} held out"
             + (
-                f"; {REAL_CELLS}: {real.n} real cells, {len(prep.real_test)} held out"
+                f"; {REAL_CELLS}: {real.n} real cells, {len(prep.real_split.test)} held out"
                 if real is not None
                 else ""
             ),

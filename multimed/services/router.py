@@ -235,6 +235,10 @@ class Router:
                 m: EncodeStats(e.batch_size, e.queue_depth, e.replica, e.gpu_utilization)
                 for m, e in embeddings.items()
             },
+            out_of_distribution={
+                m: self.tasks.out_of_distribution(m, torch.from_numpy(e.pooled)[None])[0]
+                for m, e in embeddings.items()
+            },
         )
 
     def _contributions(self, task: str, outputs: dict[str, EncoderOutput], full: Prediction):

@@ -9,6 +9,7 @@ import numpy as np
 
 from multimed.models.inputs import RawInput
 from multimed.models.outputs import Prediction
+from multimed.models.trust import OodScore
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,4 @@ class PredictResult:
     fuse_ms: float
     contributions: dict[str, float] = field(default_factory=dict)
     encoders: dict[str, EncodeStats] = field(default_factory=dict)  # per modality
+    out_of_distribution: dict[str, OodScore] = field(default_factory=dict)  # per used modality

@@ -1,9 +1,17 @@
-"""A second server whose encoders run on the session's server (tests/conftest.py)."""
+"""The SDK client of the session's server (tests/conftest.py), and a second server whose
+encoders run on it."""
 
 from __future__ import annotations
 
 import pytest
 from servers import TOKEN, free_port, running_server, serve_config, token_file
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The SDK's client of the session's server (test_oip's `client` is tritonclient's)."""
+    with server.client() as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

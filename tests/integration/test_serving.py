@@ -47,12 +47,6 @@ def random_xray(seed: int) -> RawInput:
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def labels(server):
     return json.loads((server.cohort / "labels.json").read_text())
 

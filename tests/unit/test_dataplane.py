@@ -346,7 +346,7 @@ def test_oip_request_decodes_into_per_item_inputs(models):
     xray, text = decoded.items[1]
     assert (xray.modality, xray.form, xray.data.shape) == ("xray", "preprocessed", (1, 64, 64))
     assert (text.form, text.data) == (InputForm.TEXT, b"fever")
-    assert [o.name for o in decoded.outputs] == ["scores", "labels"]
+    assert [o.name for o in decoded.outputs] == ["scores", "labels", "ood_score", "ood_flag"]
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -15,8 +16,13 @@ from fhir.resources.R4B.bundle import Bundle
 from pydicom.uid import UID
 
 from multimed.models.catalog import CATALOG, OutputKind
+from multimed.models.trust import OodScore
 from multimed.services.frontends.hospital import fhir
-from multimed.services.frontends.hospital.codes import FHIR_LABEL_SYSTEM, FHIR_TASK_SYSTEM
+from multimed.services.frontends.hospital.codes import (
+    FHIR_LABEL_SYSTEM,
+    FHIR_TASK_SYSTEM,
+    FHIR_TRUST_SYSTEM,
+)
 from multimed.services.frontends.hospital.fhir import FhirOutcome, build_bundle, post_bundle
 from multimed.services.frontends.hospital.findings import SeriesRef, StudyFindings, TaskFinding
 
@@ -291,3 +297,37 @@ def test_post_to_nothing_listening_gives_up_without_quoting(bundle):
     assert time.monotonic() - start < 2.0
     assert outcome == FhirOutcome(False, None, 3, "not sent after 3 attempts: ConnectionError")
     assert PATIENT_ID not in outcome.message and STUDY_UID not in outcome.message
+
+
+def test_an_out_of_distribution_input_is_said_before_the_value():
+    """Each used modality's score is a component with its threshold as the reference range; a
+    flagged one also sets the interpretation, a note and the report's conclusion."""
+    trust = {
+        "xray": OodScore(9.4, 2.7, True),
+        "text": OodScore(0.8, 1.1, False),
+    }
+    finding = replace(FINDINGS.findings[0], out_of_distribution=trust)
+    bundle = build_bundle(replace(FINDINGS, findings=(finding,)))
+    Bundle.model_validate(bundle)
+    (observation,) = _resources(bundle, "Observation")
+    scores = {
+        c["code"]["coding"][0]["code"]: c
+        for c in observation["component"]
+        if c["code"]["coding"][0]["system"] == FHIR_TRUST_SYSTEM
+    }
+    xray = scores["out-of-distribution-score/xray"]
+    assert xray["valueQuantity"]["value"] == pytest.approx(9.4)
+    assert xray["referenceRange"][0]["high"]["value"] == pytest.approx(2.7)
+    assert xray["interpretation"][0]["text"] == "out of distribution"
+    assert scores["out-of-distribution-score/text"]["interpretation"][0]["text"] == (
+        "in distribution"
+    )
+    assert observation["interpretation"][0]["text"] == "input out of distribution (xray)"
+    assert "do not rely on this result" in observation["note"][0]["text"]
+    (report,) = _resources(bundle, "DiagnosticReport")
+    assert "input out of distribution (xray)" in report["conclusion"]
+
+
+def test_an_in_distribution_answer_carries_no_warning(bundle):
+    for observation in _resources(bundle, "Observation"):
+        assert "interpretation" not in observation and "note" not in observation

@@ -15,9 +15,14 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from multimed.models.catalog import CATALOG, CELL_TYPES
 from multimed.models.codecs.dicom import write_dicom
+from multimed.models.trust import OodScore
 from multimed.services.frontends.hospital import codes
 from multimed.services.frontends.hospital.findings import StudyFindings, TaskFinding
-from multimed.services.frontends.hospital.sr import NONE_OVER_THRESHOLD, build_sr
+from multimed.services.frontends.hospital.sr import (
+    NONE_OVER_THRESHOLD,
+    OUT_OF_DISTRIBUTION,
+    build_sr,
+)
 
 VERSION = "bundle-2024.06.1"
 PATIENT_ID, PATIENT_NAME = "PAT-0042", "Doe^Jane"
@@ -265,3 +270,16 @@ def test_refuses_evidence_of_another_study_or_patient(evidence):
     with pytest.raises(ValueError, match="patient") as raised:
         build_sr(findings, evidence)
     assert "SOMEONE-ELSE" not in str(raised.value) and PATIENT_ID not in str(raised.value)
+
+
+def test_a_flagged_input_is_an_evaluation_naming_its_modality(evidence):
+    finding = dataclasses.replace(
+        _finding("disease_classification", ("infection",)),
+        modalities=("xray", "text"),
+        out_of_distribution={"xray": OodScore(9.4, 2.7, True), "text": OodScore(0.8, 1.1, False)},
+    )
+    found = _evaluations(
+        _stored(build_sr(_findings(evidence[0].StudyInstanceUID, finding), evidence))
+    )
+    assert [v.value for v in found[OUT_OF_DISTRIBUTION]] == ["xray"]
+    assert [v.value for v in found["disease_classification"]] == ["infection"]

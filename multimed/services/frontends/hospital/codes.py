@@ -16,6 +16,9 @@ DICOM_SCHEME_NAME = "MultiMed Serve tasks and labels"
 # FHIR: our code systems, one for tasks and one per task's labels (system + "/" + task id).
 FHIR_TASK_SYSTEM = "http://multimed-serve.org/fhir/CodeSystem/task"
 FHIR_LABEL_SYSTEM = "http://multimed-serve.org/fhir/CodeSystem/label"
+# Per used modality, how far its input lies from the training data (models/trust.py): code
+# "out-of-distribution-score/<modality>".
+FHIR_TRUST_SYSTEM = "http://multimed-serve.org/fhir/CodeSystem/trust"
 
 
 def device_uid(bundle_version: str) -> str:

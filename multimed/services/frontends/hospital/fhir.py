@@ -25,10 +25,12 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.resource import Resource
 
 from multimed.models.catalog import CATALOG, OutputKind
+from multimed.models.trust import OodScore
 from multimed.services.frontends.hospital.codes import (
     ALGORITHM_NAME,
     FHIR_LABEL_SYSTEM,
     FHIR_TASK_SYSTEM,
+    FHIR_TRUST_SYSTEM,
     MANUFACTURER,
     device_uid,
 )
@@ -215,6 +217,11 @@ def _observation(
         # read as the familiar DSSP-style string, longer labels are space-separated.
         sep = "" if all(len(label) == 1 for label in f.labels) else " "
         value["valueString"] = sep.join(f.predicted)
+    components += [_trust(m, o) for m, o in f.out_of_distribution.items()]
+    if f.untrusted:
+        # A reader must see it before the value: the model never saw inputs like these.
+        value["interpretation"] = [{"text": _untrusted(f)}]
+        value["note"] = [{"text": _untrusted(f) + "; do not rely on this result"}]
     return Observation(
         status="preliminary",
         category=[{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging"}]}],
@@ -230,6 +237,25 @@ def _observation(
     )
 
 
+def _trust(modality: str, o: OodScore) -> dict:
+    """One used modality's out-of-distribution score, its threshold as the reference range."""
+    return {
+        "code": {
+            "coding": [
+                {"system": FHIR_TRUST_SYSTEM, "code": f"out-of-distribution-score/{modality}"}
+            ],
+            "text": f"{modality} out-of-distribution score",
+        },
+        "valueQuantity": {"value": _number(o.score), "unit": "1", "system": UCUM, "code": "1"},
+        "referenceRange": [{"high": {"value": _number(o.threshold)}}],
+        "interpretation": [{"text": "out of distribution" if o.flagged else "in distribution"}],
+    }
+
+
+def _untrusted(f: TaskFinding) -> str:
+    return f"input out of distribution ({', '.join(f.untrusted)})"
+
+
 def _summary(f: TaskFinding) -> str:
     if f.kind is OutputKind.REGRESSION:
         return ", ".join(f"{label} {v:.3g}" for label, v in zip(f.labels, f.scores, strict=True))
@@ -241,7 +267,13 @@ def _summary(f: TaskFinding) -> str:
 
 
 def _conclusion(findings: tuple[TaskFinding, ...]) -> str | None:
-    return "; ".join(f"{f.task}: {_summary(f)}" for f in findings) or None
+    return (
+        "; ".join(
+            f"{f.task}: {_summary(f)}" + (f" ({_untrusted(f)})" if f.untrusted else "")
+            for f in findings
+        )
+        or None
+    )
 
 
 # --- delivery ---------------------------------------------------------------------------------

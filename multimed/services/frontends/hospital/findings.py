@@ -3,9 +3,10 @@ wire conversion. Patient identifiers live here for the writers only; nothing log
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from multimed.models.catalog import OutputKind
+from multimed.models.trust import OodScore
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class TaskFinding:
     predicted: tuple[str, ...]  # top label (single-label, answer), those over 0.5 (multi-label)
     modalities: tuple[str, ...]  # modalities the answer used
     series_uids: tuple[str, ...]  # the study's series it used (extra inputs have none)
+    out_of_distribution: dict[str, OodScore] = field(default_factory=dict)  # per used modality
+
+    @property
+    def untrusted(self) -> tuple[str, ...]:
+        """Modalities whose input is flagged out of distribution."""
+        return tuple(m for m, o in self.out_of_distribution.items() if o.flagged)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ AIR_PROCESSING_ALGORITHM = hd.sr.CodedConcept(
 # A multi-label task with no label over the threshold still gets an evaluation, so that a reader
 # tells "ran, found none" from "did not run". Not a catalog label (no label has this name).
 NONE_OVER_THRESHOLD = "none_over_threshold"
+OUT_OF_DISTRIBUTION = "out_of_distribution"  # its value: the modality whose input is flagged
+UNTRUSTED = "Input out of distribution: do not rely on this result"
 
 # Kinds with a label to code; REGRESSION values and PER_TOKEN labels go to FHIR instead.
 _CODED_KINDS = frozenset({OutputKind.SINGLE_LABEL, OutputKind.MULTI_LABEL, OutputKind.ANSWER})
@@ -177,10 +179,20 @@ def _evaluations(finding: TaskFinding) -> list[hd.sr.QualitativeEvaluation]:
     # Multi-label: every label over the threshold is a finding of its own, so each gets an
     # evaluation of the same name; an explicit code when none is over it (see the constant).
     labels = finding.predicted
+    # An input the models never saw the like of (models/trust.py): said per modality, so that
+    # a reader weighs the answer by it.
+    untrusted = [
+        hd.sr.QualitativeEvaluation(
+            name=_concept(OUT_OF_DISTRIBUTION, UNTRUSTED), value=_concept(m, m)
+        )
+        for m in finding.untrusted
+    ]
     if finding.kind == OutputKind.MULTI_LABEL and not labels:
         none = _concept(NONE_OVER_THRESHOLD, "No label over the decision threshold")
-        return [hd.sr.QualitativeEvaluation(name=name, value=none)]
-    return [hd.sr.QualitativeEvaluation(name=name, value=_concept(x, x)) for x in labels]
+        return [hd.sr.QualitativeEvaluation(name=name, value=none), *untrusted]
+    return [
+        hd.sr.QualitativeEvaluation(name=name, value=_concept(x, x)) for x in labels
+    ] + untrusted
 
 
 def _concept(value: str, meaning: str) -> hd.sr.CodedConcept:

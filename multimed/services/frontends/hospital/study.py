@@ -326,4 +326,5 @@ def _finding(result: PredictResult, used: tuple[str, ...]) -> TaskFinding:
         predicted=tuple(p.predicted),
         modalities=tuple(result.used),
         series_uids=used,
+        out_of_distribution=dict(result.out_of_distribution),
     )

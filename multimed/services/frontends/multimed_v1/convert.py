@@ -42,6 +42,10 @@ def response_to_wire(result: PredictResult, server_ms: float) -> pb.PredictRespo
         contributions=result.contributions,
         bundle_version=result.bundle_version,
         timing=pb.Timing(server_ms=server_ms, encode_ms=result.encode_ms, fuse_ms=result.fuse_ms),
+        out_of_distribution={
+            m: pb.OutOfDistribution(score=o.score, threshold=o.threshold, flagged=o.flagged)
+            for m, o in result.out_of_distribution.items()
+        },
     )
     if output_of(p.kind).per_token:  # scores per position: [L, labels]
         for position, (label, scores) in enumerate(zip(p.predicted, p.scores, strict=True)):

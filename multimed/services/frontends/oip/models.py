@@ -63,6 +63,13 @@ class Models:
             outputs = [TensorInfo("scores", "FP32", kind.score_dims(len(task.labels)))]
             if kind.predicts_labels:
                 outputs.append(TensorInfo("labels", "BYTES", (-1,)))
+            # Per accepted modality, in the task's order (its catalog entry): the OOD score
+            # (NaN where the request carried none) and whether it is flagged.
+            width = (len(task.accepted),)
+            outputs += [
+                TensorInfo("ood_score", "FP32", width),
+                TensorInfo("ood_flag", "BOOL", width),
+            ]
             inputs = [t for m in task.accepted for t in _modality_inputs(signatures[m])]
             self._add(ModelSpec(task.id, task, task.accepted, tuple(inputs), tuple(outputs)))
         for m, signature in signatures.items():

@@ -159,6 +159,11 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             arrays["labels"] = pad_stack(
                 [np.asarray(r.prediction.predicted, dtype=object) for r in results], b""
             )
+        ood = [[r.out_of_distribution.get(m) for m in model.task.accepted] for r in results]
+        arrays["ood_score"] = np.array(
+            [[np.nan if o is None else o.score for o in row] for row in ood], dtype=np.float32
+        )
+        arrays["ood_flag"] = np.array([[o is not None and o.flagged for o in row] for row in ood])
         return arrays
 
     async def _embed(self, model: ModelSpec, decoded: Decoded, deadline: float):
