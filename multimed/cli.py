@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--front",
         action="store_true",
-        help="nginx on the port before the listener: calls past gateway.front.max_calls (256) "
+        help="nginx on the port before the listener: calls past gateway.front.max_calls (128) "
         "get RESOURCE_EXHAUSTED from it, fast under any overload (needs nginx)",
     )
     p.add_argument("--ray-address", help="join a running Ray cluster ('auto') instead")

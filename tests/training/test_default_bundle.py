@@ -67,7 +67,7 @@ def test_ood_flag_spares_most_held_out_patients(metrics):
     "(not flagged). The pooled embedding of a per-image-normalised volume does not separate these "
     "real scans from the synthetic phantoms; less covariance shrinkage did not help (MR at "
     "0.81-0.88 of the threshold). The test suite's one-epoch bundle does flag both "
-    "(test_trust.py).",
+    "(tests/integration/test_out_of_distribution.py).",
 )
 def test_real_clinical_dicom_is_flagged(bundle, tmp_path):
     model = Model.from_bundle(bundle)
