@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from multimed.models.catalog import CATALOG
 from multimed.models.codecs.dicom import to_bytes
 from multimed.services.frontends.hospital.codes import DICOM_SCHEME, device_uid
+from multimed.services.frontends.hospital.sr import OUT_OF_DISTRIBUTION
 
 IMAGING_TASKS = {
     "disease_classification",
@@ -131,20 +132,25 @@ def test_sr_is_stored_into_the_study_and_reads_back(server, orthanc, uploaded):
     assert sr.StudyInstanceUID == uid and sr.PatientID == server.patients[2].name
     (equipment,) = [e for e in sr.ContributingEquipmentSequence if "DeviceUID" in e]
     assert equipment.DeviceUID == device_uid(version) and equipment.SoftwareVersions == version
-    evaluations = {
-        (
-            item.ConceptNameCodeSequence[0].get("LongCodeValue")
-            or item.ConceptNameCodeSequence[0].CodeValue
-        ): item.ConceptCodeSequence[0]
+    coded = [
+        (_code(item.ConceptNameCodeSequence[0]), _code(item.ConceptCodeSequence[0]))
         for item in _items(sr)
         if item.ValueType == "CODE"
         and item.ConceptNameCodeSequence[0].CodingSchemeDesignator == DICOM_SCHEME
-    }
+    ]
+    evaluations = {name: value for name, value in coded if name != OUT_OF_DISTRIBUTION}
     predicted = {a.prediction.task: a.prediction.predicted[0] for a in response.answers}
     assert set(evaluations) == set(predicted)
-    for task, value in evaluations.items():
-        label = value.get("LongCodeValue") or value.CodeValue
+    for task, label in evaluations.items():
         assert label == predicted[task] and label in CATALOG.task(task).labels
+    # Inputs flagged out of distribution (the suite's one-epoch bundle flags some) are named.
+    ood = [a.prediction.out_of_distribution for a in response.answers]
+    flagged = {m for scores in ood for m, o in scores.items() if o.flagged}
+    assert {value for name, value in coded if name == OUT_OF_DISTRIBUTION} == flagged
+
+
+def _code(concept) -> str:
+    return concept.get("LongCodeValue") or concept.CodeValue
 
 
 def _items(ds):

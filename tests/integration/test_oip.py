@@ -27,6 +27,7 @@ from multimed.models.outputs import output_of
 from multimed.services.export import model_ready
 
 HEADERS = {"authorization": "Bearer integration-secret"}  # conftest's TOKEN
+OOD_OUTPUTS = ["ood_score", "ood_flag"]  # per accepted modality (test_out_of_distribution.py)
 ENCODERS = [f"encoder_{m}" for m in CATALOG.modalities]
 VENV = Path(".venv")
 PERF_ANALYZER = VENV / "perf_analyzer" / "bin" / "perf_analyzer"
@@ -99,7 +100,7 @@ def test_probes_metadata_config_and_index(client):
     config = client.get_model_config("disease_classification", headers=HEADERS).config
     assert config.max_batch_size > 1 and config.HasField("dynamic_batching")
     assert all(i.optional for i in config.input)
-    assert [o.name for o in config.output] == ["scores", "labels"]
+    assert [o.name for o in config.output] == ["scores", "labels", *OOD_OUTPUTS]
     assert json.loads(config.parameters["task"].string_value)["labels"] == list(
         CATALOG.task("disease_classification").labels
     )
@@ -126,9 +127,9 @@ def test_every_task_from_model_ready_tensors(client, ready, task):
     assert scores.shape[-1] == len(spec.labels) and np.isfinite(scores).all()
     advertised = [o.name for o in client.get_model_metadata(task, headers=HEADERS).outputs]
     if not kind.predicts_labels:  # regression: the values are the scores, named by the config
-        assert advertised == ["scores"] and result.as_numpy("labels") is None
+        assert advertised == ["scores", *OOD_OUTPUTS] and result.as_numpy("labels") is None
         return
-    assert advertised == ["scores", "labels"]
+    assert advertised == ["scores", "labels", *OOD_OUTPUTS]
     labels = result.as_numpy("labels")
     assert labels.shape[0] == 2
     assert {b.decode() for b in labels.reshape(-1) if b} <= set(spec.labels)
