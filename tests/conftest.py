@@ -65,7 +65,11 @@ def server(tmp_path_factory, bundle, cohort, orthanc, fhir, silent_port) -> Serv
         },
         "fhir": {"url": receiver.url, "token_file": str(fhir_token), "attempts": 3},
     }
-    config = serve_config(work / "serve_config.yaml", bundle, hospital=hospital)
+    # OCT's encoder runs inside the router replica (the opt-in placement), every other in a
+    # deployment of its own: the retinopathy tests go through the one, the rest the other.
+    config = serve_config(
+        work / "serve_config.yaml", bundle, hospital=hospital, in_router={"oct": {}}
+    )
     # Ray's own tools are tested against its dashboard. Its clients reach it through the nginx
     # front (the overload test needs it), so every protocol is tested through nginx as well.
     extra = ("--dashboard-port", str(free_port()), "--front")

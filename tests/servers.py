@@ -54,20 +54,26 @@ class Server:
 
 
 def serve_config(
-    path: Path, bundle: Path, encoders: dict | None = None, hospital: dict | None = None
+    path: Path,
+    bundle: Path,
+    encoders: dict | None = None,
+    hospital: dict | None = None,
+    in_router: dict | None = None,
 ) -> Path:
     """deploy/serve_config.yaml for tests: X-ray at two replicas; `encoders`: backends;
-    `hospital`: args such as pacs and fhir."""
+    `hospital`: args such as pacs and fhir; `in_router`: encoders placed in the router."""
     config = yaml.safe_load(Path("deploy/serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"]["bundle"] = str(bundle)
     if encoders:
         app["args"]["encoders"] = encoders
+    if in_router:
+        app["args"]["in_router"] = in_router
     app["args"].update(hospital or {})
     for d in app["deployments"]:
         if d["name"] == "encoder-xray":
             d["num_replicas"] = 2
-            d["user_config"] = {"max_batch_size": 8, "batch_wait_ms": 5, "torch_threads": 1}
+            d["user_config"] = {"max_batch_size": 8, "torch_threads": 1}
     path.write_text(yaml.safe_dump(config))
     return path
 

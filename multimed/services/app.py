@@ -34,6 +34,8 @@ def build(config: ApplicationConfig) -> Application:
     args = config.args
     encoders = {}
     for m in CATALOG.modalities:
+        if m in args.in_router:  # built by each router replica itself
+            continue
         name = encoder_deployment(m)
         options = {**ENCODER_DEFAULTS, **config.deployment(name)}
         deployment = serve.deployment(Encoder).options(name=name, **options)
@@ -58,6 +60,8 @@ def build(config: ApplicationConfig) -> Application:
         args.cache_mb,
         args.memory_limit_mb,
         args.hospital().model_dump(),
+        {m: c.model_dump() for m, c in args.in_router.items()},
+        args.device,
     )
 
 

@@ -44,10 +44,13 @@ class Strict(BaseModel):
 
 
 class BatchConfig(Strict):
-    """An encoder's dynamic batching (its Ray Serve `user_config`; changeable live)."""
+    """An encoder's dynamic batching (its Ray Serve `user_config`; changeable live). There is no
+    batch wait, as in Triton's default: an idle model runs whatever is queued at once, and
+    inputs arriving while `batches_in_flight` batches run form the next batch, so batches grow
+    with the load by themselves. (A fixed wait cost every lone call its full length.)"""
 
     max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    batches_in_flight: int = Field(1, ge=1, le=16)  # forward passes at once, each in a thread
     torch_threads: int = Field(1, ge=1, le=256)
 
 
@@ -241,6 +244,11 @@ class AppArgs(Strict):
     gateway: GatewaySettings = GatewaySettings()
     metrics_port: int | None = Field(8002, ge=0, le=65535)  # None: no /metrics endpoint
     encoders: dict[str, EncoderBackend] = Field(default_factory=dict)  # by modality; default torch
+    # Opt-in placement: these modalities' encoders run inside each router replica (its CPU or
+    # GPU), with the same per-input decoding, errors and batches, and no deployment of their
+    # own. For light encoders it saves a Ray hop a call (bench/RESULTS.md, run H); they then
+    # scale with the router, not on their own.
+    in_router: dict[str, BatchConfig] = Field(default_factory=dict)
     pacs: dict[str, PacsSettings] = Field(default_factory=dict)  # by the name clients use
     fhir: FhirSettings | None = None  # None: study results are returned, not sent
     series_rules: list[SeriesRule] = Field(default_factory=list)
@@ -259,14 +267,23 @@ class AppArgs(Strict):
             fhir = fhir.model_copy(update={"token_file": _absolute(fhir.token_file)})
         return HospitalSettings(pacs=pacs, fhir=fhir, series_rules=self.series_rules)
 
-    @field_validator("encoders")
+    @field_validator("encoders", "in_router")
     @classmethod
-    def _modalities(cls, encoders: dict[str, EncoderBackend]) -> dict[str, EncoderBackend]:
-        unknown = set(encoders) - set(CATALOG.modalities)
+    def _modalities(cls, by_modality: dict) -> dict:
+        unknown = set(by_modality) - set(CATALOG.modalities)
         if unknown:
             known = ", ".join(CATALOG.modalities)
             raise ValueError(f"unknown modality {sorted(unknown)[0]!r}; known: {known}")
-        return encoders
+        return by_modality
+
+    @model_validator(mode="after")
+    def _placed_once(self) -> AppArgs:
+        remote = set(self.in_router) & {m for m, e in self.encoders.items() if e.backend != "torch"}
+        if remote:
+            raise ValueError(
+                f"encoder {sorted(remote)[0]!r} is both in_router and on a remote backend"
+            )
+        return self
 
 
 class DeploymentConfig(Strict):
@@ -303,6 +320,17 @@ class ApplicationConfig(Strict):
 
     def deployment(self, name: str) -> dict[str, Any]:
         return next((d.options() for d in self.deployments if d.name == name), {})
+
+    @model_validator(mode="after")
+    def _no_options_for_absent_deployments(self) -> ApplicationConfig:
+        absent = {encoder_deployment(m) for m in self.args.in_router}
+        for d in self.deployments:
+            if d.name in absent:
+                raise ValueError(
+                    f"deployment {d.name!r} has options, but args.in_router runs that encoder "
+                    "inside the router: remove one of the two"
+                )
+        return self
 
 
 class ServeConfigFile(Strict):

@@ -1,5 +1,6 @@
 """The one encoder deployment class, bound once per modality: decode and validate each input on
-arrival (a bad item fails alone), then batch the model-ready tensors and run the encoder."""
+arrival (a bad item fails alone), then batch the model-ready tensors and run the encoder, its
+forward pass in a worker thread so that the replica keeps receiving and decoding meanwhile."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import Batch
 from multimed.models.modalities.registry import build_pipeline
 from multimed.services.autoscaling import INPUTS_IN_FLIGHT
+from multimed.services.coalesce import Coalescer
 from multimed.services.config import BatchConfig, EncoderBackend
 from multimed.services.encoding import EncoderCore
 from multimed.services.errors import Expired, ModelFault
@@ -86,10 +88,10 @@ class Encoder(MemoryLimited):
         log.info("encoder %s ready on %s (bundle %s)", modality, where, self.bundle_version)
 
     def reconfigure(self, user_config: dict) -> None:
+        """A live change starts a new batcher; batches already in the old one finish there."""
         config = BatchConfig.model_validate(user_config)
         torch.set_num_threads(config.torch_threads)
-        self.run_batch.set_max_batch_size(config.max_batch_size)
-        self.run_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+        self.batcher = Coalescer(self._run_batch, config.max_batch_size, config.batches_in_flight)
 
     async def encode_many(
         self, raws: list[RawInput], deadlines: list[float | None] | None = None
@@ -113,7 +115,7 @@ class Encoder(MemoryLimited):
             if deadline is not None and deadline <= now and not isinstance(prepared[i], Exception):
                 prepared[i] = Expired("the deadline passed before the encoder ran")
         valid = [p for p in prepared if not isinstance(p, Exception)]
-        encoded = iter(await asyncio.gather(*(self.run_batch(p) for p in valid)))
+        encoded = iter(await asyncio.gather(*(self.batcher.submit(p) for p in valid)))
         return [p if isinstance(p, Exception) else next(encoded) for p in prepared]
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
@@ -121,12 +123,7 @@ class Encoder(MemoryLimited):
         in this replica (decoding, waiting for a batch or in one), as the queue-depth metric."""
         return {INPUTS_IN_FLIGHT: self.waiting}
 
-    # Replaced at start by reconfigure() from BatchConfig (the serve config's user_config).
-    @serve.batch(
-        max_batch_size=BatchConfig().max_batch_size,
-        batch_wait_timeout_s=BatchConfig().batch_wait_ms / 1000,
-    )
-    async def run_batch(self, items: list[Batch]) -> list[Embedding | ModelFault]:
+    async def _run_batch(self, items: list[Batch]) -> list[Embedding | ModelFault]:
         depth = self.waiting
         gpu = self.gpu.sample()
         forward = None if self.remote is None else self.remote.forward

@@ -49,14 +49,21 @@ class EncoderCore:
     ) -> list[Encoded | ModelFault]:
         """Model-ready items as batches, one per kind: raw and model-ready items differ in their
         keys (text: token ids vs features). `forward`: a remote model's (Triton); default the
-        local one, run on this event loop."""
-        kinds: dict[tuple[str, ...], list[int]] = {}
-        for i, item in enumerate(items):
-            kinds.setdefault(tuple(sorted(item)), []).append(i)
+        local one, run in a worker thread (torch releases the GIL), off the event loop."""
+        if forward is None:
+            return await asyncio.to_thread(self._encode_here, items)
+        kinds = _kinds(items)
         results: list[Encoded | ModelFault] = [None] * len(items)  # type: ignore[list-item]
-        for members in kinds.values():
-            batch = self.pipeline.collate([items[i] for i in members])
-            out = self.pipeline.forward(batch) if forward is None else await forward(batch)
+        for members in kinds:
+            out = await forward(self.pipeline.collate([items[i] for i in members]))
+            for i, result in zip(members, self._unbatch(out), strict=True):
+                results[i] = result
+        return results
+
+    def _encode_here(self, items: Sequence[Batch]) -> list[Encoded | ModelFault]:
+        results: list[Encoded | ModelFault] = [None] * len(items)  # type: ignore[list-item]
+        for members in _kinds(items):
+            out = self.pipeline.forward(self.pipeline.collate([items[i] for i in members]))
             for i, result in zip(members, self._unbatch(out), strict=True):
                 results[i] = result
         return results
@@ -77,6 +84,14 @@ class EncoderCore:
             else:
                 results.append((pooled, tokens))
         return results
+
+
+def _kinds(items: Sequence[Batch]) -> list[list[int]]:
+    """Indices of `items` grouped by their keys, in order of first appearance."""
+    kinds: dict[tuple[str, ...], list[int]] = {}
+    for i, item in enumerate(items):
+        kinds.setdefault(tuple(sorted(item)), []).append(i)
+    return list(kinds.values())
 
 
 class LocalEncoder:

@@ -29,7 +29,7 @@ from multimed.services.triton import encoder_model, encoder_signature, model_con
 
 ONNX_OPSET = 18  # the dynamo exporter's own; no version conversion
 MAX_BATCH_SIZE = 64
-QUEUE_DELAY_US = 2000  # matches the encoders' default batch wait
+QUEUE_DELAY_US = 0  # no wait for a batch to fill, as our own encoders (BatchConfig)
 CHECK_PATIENTS = 5  # held out from the trace: other batch sizes (and sequence lengths)
 
 

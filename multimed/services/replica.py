@@ -12,12 +12,19 @@ from ray import serve
 from ray.serve.context import _get_global_client
 
 from multimed.models.bundle import load_bundle
-from multimed.models.modalities.registry import build_pipelines
+from multimed.models.modalities.registry import build_pipeline, build_pipelines
 from multimed.models.tasks import TaskModels
 from multimed.services import metrics
 from multimed.services.audit import AuditLog
-from multimed.services.config import GatewaySettings, HospitalSettings, encoder_deployment
+from multimed.services.config import (
+    BatchConfig,
+    GatewaySettings,
+    HospitalSettings,
+    encoder_deployment,
+)
 from multimed.services.dataplane import DataPlane
+from multimed.services.encoder import pick_device
+from multimed.services.encoding import EncoderCore, LocalEncoder
 from multimed.services.frontends.auth import Tokens
 from multimed.services.frontends.grpc_common import Door, Readiness
 from multimed.services.frontends.grpc_server import start_listener
@@ -44,14 +51,27 @@ class RouterReplica(MemoryLimited):
         cache_mb: float = 256,
         memory_limit_mb: float | None = None,
         hospital: dict | None = None,
+        in_router: dict[str, dict] | None = None,
+        device: str = "auto",
     ):
         torch.set_num_threads(1)
         self.memory_limit_mb = memory_limit_mb
         loaded = load_bundle(bundle)
         tasks = TaskModels(loaded.config)
         tasks.load_state_dict(loaded.tasks_state())
+        # Encoders placed in this replica (args.in_router): the deployments' own decoding and
+        # batching code, called in-process. Always live while this replica is.
+        self.local = {
+            m: local_encoder(m, loaded, BatchConfig.model_validate(c), device)
+            for m, c in (in_router or {}).items()
+        }
         self.router = Router(
-            encoders, tasks, loaded.version, cache_entries, encoder_timeout_s, cache_mb
+            {**encoders, **self.local},
+            tasks,
+            loaded.version,
+            cache_entries,
+            encoder_timeout_s,
+            cache_mb,
         )
         settings = GatewaySettings.model_validate(gateway or {})
         self.audit = AuditLog(settings.audit_log)
@@ -98,6 +118,8 @@ class RouterReplica(MemoryLimited):
             except Exception:  # the controller restarting: keep the last view
                 log.warning("Serve controller did not answer; encoder health unchanged")
                 continue
+            for m in self.local:  # one in every router replica
+                running[encoder_deployment(m)] = 1
             live = frozenset(m for m in self.router.encoders if running.get(encoder_deployment(m)))
             for m in self.router.encoders:
                 metrics.ENCODER_LIVE.labels(m).set(m in live)
@@ -130,6 +152,12 @@ class RouterReplica(MemoryLimited):
         """Replica shutdown (Ray Serve calls it): drained, unless that was done already."""
         await self.drain()
         self.audit.close()
+
+
+def local_encoder(modality: str, loaded, batch: BatchConfig, device: str) -> LocalEncoder:
+    pipeline = build_pipeline(modality, loaded.config)
+    pipeline.setup(pick_device(device), loaded.encoder_state(modality))
+    return LocalEncoder(EncoderCore(modality, pipeline), batch.max_batch_size)
 
 
 def _running_replicas(app: str) -> dict[str, int]:

@@ -33,11 +33,18 @@ SERVING_TIMEOUT_S = 600  # from replicas up to every encoder answering
 # on the heap, while anything larger (a refused bomb's buffers) is mapped and goes back to the
 # OS when freed; the heap is trimmed past 64 MiB free; two arenas, as decoding threads would
 # otherwise each get one.
+# Serve's replica by default runs user code on a second event loop in its own thread, and a
+# handle's request router on a third: every call then crosses threads twice each way. Our
+# replicas keep their loops free (decoding, forward passes and fusion run in worker threads),
+# so one loop serves all three: image c=1 CPU per request 10.7 -> 9.2 ms, c=32 935 -> 1,008
+# rps (bench/RESULTS.md, run H).
 REPLICA_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(64 << 20),
     "MALLOC_ARENA_MAX": "2",
     "OMP_NUM_THREADS": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
 DRAIN_S = 5.0  # calls in flight get this long to finish on Ctrl-C / SIGTERM
 

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from servers import StreamMetadata, metric, replicas, scrape
+from servers import StreamMetadata, health, metric, replicas, scrape
 
 from multimed.client import AsyncMultiMedClient, MultiMedClient
 from multimed.client.sdk import predict_request
@@ -129,7 +129,8 @@ def test_second_task_on_same_inputs_hits_the_embedding_cache(server, client):
 def test_xray_scales_independently_and_both_replicas_work(server):
     counts = {name: len(pids) for name, pids in replicas(server.process.pid).items()}
     assert counts["encoder-xray"] == 2
-    assert len(counts) == 11 and all(n == 1 for d, n in counts.items() if d != "encoder-xray")
+    # Ten deployments: the router, and every encoder but OCT's, which runs in the router.
+    assert len(counts) == 10 and all(n == 1 for d, n in counts.items() if d != "encoder-xray")
 
     async def burst():
         async with AsyncMultiMedClient(server.url, token=server.token) as c:
@@ -257,6 +258,43 @@ def test_one_bad_input_does_not_disturb_its_batch(server):
             assert r.code() == grpc.StatusCode.INVALID_ARGUMENT
         else:
             assert isinstance(r, pb.PredictResponse), r
+
+
+def test_an_encoder_placed_in_the_router_answers_like_the_model(server, client):
+    """The session's server runs OCT's encoder inside the router replica: its answers equal
+    the bundle's models run in this process, a bad input fails alone, and its health and
+    replica gauge count the router's own copy."""
+    from multimed.models.bundle import load_bundle
+    from multimed.models.modalities.registry import build_pipeline
+    from multimed.models.tasks import TaskModels
+
+    task = "diabetic_retinopathy_classification"
+    bundle = load_bundle(server.bundle)
+    pipeline = build_pipeline("oct", bundle.config).setup("cpu", bundle.encoder_state("oct"))
+    tasks = TaskModels(bundle.config)
+    tasks.load_state_dict(bundle.tasks_state())
+    tasks.eval()
+    rng = np.random.default_rng(7)
+    images = [rng.random((1, 64, 64), dtype=np.float32) for _ in range(6)]
+    images[3] = np.full((1, 64, 64), np.nan, np.float32)
+
+    async def together():
+        async with AsyncMultiMedClient(server.url, token=server.token) as c:
+            calls = [c.predict(task, {"oct": RawInput("oct", InputForm.TENSOR, x)}) for x in images]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    for i, (image, answer) in enumerate(zip(images, asyncio.run(together()), strict=True)):
+        if i == 3:
+            assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "oct" in answer.details() and "NaN" in answer.details()
+            continue
+        raw = RawInput("oct", InputForm.TENSOR, image)
+        want = tasks.predict(task, {"oct": pipeline.encode([raw])})[0].scores
+        got = [s.score for s in answer.scores]
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert health(server.url, f"task/{task}") == health_pb2.HealthCheckResponse.SERVING
+    assert metric(scrape(server), "multimed_encoder_replicas", modality="oct") == 1
+    assert "encoder-oct" not in replicas(server.process.pid)  # no deployment of its own
 
 
 def test_predict_stream_matches_by_id_and_reports_errors_inline(server, client):

@@ -6,6 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -198,6 +199,24 @@ def test_constant_volume_gives_no_nan(cls, value):
     pipeline = cls()
     out = pipeline.prepare(raw(pipeline, InputForm.TENSOR, np.full((3, 16, 16), value)))
     assert out["volume"].shape == (16, 64, 64) and torch.isfinite(out["volume"]).all()
+
+
+@pytest.mark.parametrize("cls", PIPELINES)
+def test_an_input_at_the_model_size_is_not_resampled_yet_equals_resampling(cls):
+    """Resampling to the same size is the identity, so preprocessing skips it (measured: 2.5 ms
+    of a CT's 3.7 ms on the serving path); the result must equal what resampling gives."""
+    pipeline = cls()
+    volume = isinstance(pipeline, CTPipeline | MRIPipeline)
+    shape = (16, 64, 64) if volume else (pipeline.channels, 64, 64)
+    data = rng.random(shape).astype(np.float32)
+    out = pipeline.prepare(raw(pipeline, InputForm.TENSOR, data))
+    key = "volume" if volume else "image"
+    x = out[key][None, None] if volume else out[key][None]
+    mode = "trilinear" if volume else "bilinear"
+    extra = {} if volume else {"antialias": True}
+    resampled = F.interpolate(x, size=x.shape[2:], mode=mode, align_corners=False, **extra)
+    assert out[key].shape == shape
+    torch.testing.assert_close(resampled.reshape(shape), out[key], atol=1e-6, rtol=0)
 
 
 # --- encoders ---

@@ -43,6 +43,20 @@ def test_replicas_can_be_spread_over_nodes(tmp_path):
             "applications: [{deployments: [{name: encoder-xray, max_replicas_per_node: 0}]}]",
             "max_replicas_per_node",
         ),
+        ("applications: [{args: {in_router: {smell: {}}}}]", "unknown modality"),
+        (
+            "applications: [{args: {in_router: {xray: {}}}, deployments: [{name: encoder-xray}]}]",
+            "inside the router: remove one",
+        ),
+        (
+            "applications: [{args: {in_router: {xray: {}}, "
+            "encoders: {xray: {backend: triton, url: 'h:1'}}}}]",
+            "both in_router and on a remote backend",
+        ),
+        (
+            "applications: [{deployments: [{name: encoder-ct, user_config: {batch_wait_ms: 2}}]}]",
+            "batch_wait_ms",
+        ),
     ],
 )
 def test_a_wrong_key_is_a_clear_error(tmp_path, text, complaint):

@@ -105,14 +105,12 @@ class Image2DPipeline(ModalityPipeline):
 
     def preprocess(self, decoded: np.ndarray) -> Batch:
         size = self.settings.image_size
-        image = F.interpolate(
-            torch.from_numpy(decoded)[None],
-            size=(size, size),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        )
-        return {"image": normalise(image[0])}
+        image = torch.from_numpy(decoded)
+        if tuple(image.shape[-2:]) != (size, size):  # at size, resampling is the identity
+            image = F.interpolate(
+                image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )[0]
+        return {"image": normalise(image)}
 
     def model_input(self) -> TensorSpec:
         size = self.settings.image_size

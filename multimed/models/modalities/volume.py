@@ -63,13 +63,12 @@ class VolumePipeline(ModalityPipeline):
     def preprocess(self, decoded: np.ndarray) -> Batch:
         s = self.settings
         volume = torch.from_numpy(np.ascontiguousarray(self.intensity(decoded), np.float32))
-        volume = F.interpolate(
-            volume[None, None],
-            size=(s.depth, s.image_size, s.image_size),
-            mode="trilinear",
-            align_corners=False,
-        )
-        return {"volume": normalise(volume[0, 0])}
+        size = (s.depth, s.image_size, s.image_size)
+        if tuple(volume.shape) != size:  # at size, resampling is the identity: skip its cost
+            volume = F.interpolate(
+                volume[None, None], size=size, mode="trilinear", align_corners=False
+            )[0, 0]
+        return {"volume": normalise(volume)}
 
     def model_input(self) -> TensorSpec:
         s = self.settings

@@ -44,12 +44,13 @@ def tensor_from_wire(t: pb.Tensor, modality: str) -> np.ndarray:
     if len(shape) > MAX_TENSOR_DIMS or any(d < 0 for d in shape):
         raise InputError(modality, f"tensor shape {shape} is not a valid array shape")
     expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-    if len(t.data) != expected:
+    data = t.data  # each read of a bytes field copies it out of the message: read once
+    if len(data) != expected:
         raise InputError(
             modality,
-            f"tensor of shape {shape} and {dtype.name} needs {expected} bytes, got {len(t.data)}",
+            f"tensor of shape {shape} and {dtype.name} needs {expected} bytes, got {len(data)}",
         )
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def tensor_to_wire(array: np.ndarray) -> pb.Tensor:
