@@ -59,9 +59,11 @@ def serve_config(
     encoders: dict | None = None,
     hospital: dict | None = None,
     in_router: dict | None = None,
+    transport: str | None = None,
 ) -> Path:
     """deploy/serve_config.yaml for tests: X-ray at two replicas; `encoders`: backends;
-    `hospital`: args such as pacs and fhir; `in_router`: encoders placed in the router."""
+    `hospital`: args such as pacs and fhir; `in_router`: encoders placed in the router;
+    `transport`: the router's to the encoders."""
     config = yaml.safe_load(Path("deploy/serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"]["bundle"] = str(bundle)
@@ -69,6 +71,8 @@ def serve_config(
         app["args"]["encoders"] = encoders
     if in_router:
         app["args"]["in_router"] = in_router
+    if transport:
+        app["args"]["encoder_transport"] = transport
     app["args"].update(hospital or {})
     for d in app["deployments"]:
         if d["name"] == "encoder-xray":

@@ -13,6 +13,7 @@ class Frozen(BaseModel):
 
 
 EncoderSize = Literal["tiny", "base"]
+Precision = Literal["fp32", "bf16"]  # an encoder's forward pass: float32, or bfloat16 autocast
 FusionName = Literal["late", "early", "attention"]
 
 

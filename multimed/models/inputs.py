@@ -19,3 +19,18 @@ class RawInput:
     modality: str
     form: InputForm
     data: Any
+
+    @property
+    def size(self) -> int:
+        """About how many bytes the input holds (a gene map: 16 per entry): what decides
+        whether decoding or hashing it is worth a thread hop."""
+        data = self.data
+        if isinstance(data, str | bytes | bytearray):
+            return len(data)
+        if isinstance(data, memoryview):
+            return data.nbytes
+        if hasattr(data, "nbytes"):  # numpy, without importing it here
+            return int(data.nbytes)
+        if isinstance(data, dict):
+            return 16 * len(data)
+        return sum(len(part) for part in data)  # a DICOM series

@@ -62,6 +62,7 @@ def build(config: ApplicationConfig) -> Application:
         args.hospital().model_dump(),
         {m: c.model_dump() for m, c in args.in_router.items()},
         args.device,
+        args.encoder_transport,
     )
 
 

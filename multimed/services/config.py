@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from multimed.models.catalog import CATALOG
+from multimed.models.config import Precision
 
 ROUTER = "router"
 # The custom Ray resource of the nodes clients connect to: the serve config pins the router
@@ -52,6 +53,7 @@ class BatchConfig(Strict):
     max_batch_size: int = Field(16, ge=1, le=1024)
     batches_in_flight: int = Field(1, ge=1, le=16)  # forward passes at once, each in a thread
     torch_threads: int = Field(1, ge=1, le=256)
+    precision: Precision = "fp32"  # bf16: autocast, for GPUs with bfloat16 tensor cores
 
 
 class ClientTLS(Strict):
@@ -239,6 +241,11 @@ class AppArgs(Strict):
     cache_entries: int = Field(4096, ge=0)  # router's embedding cache; 0 disables it
     cache_mb: float = Field(256, ge=0)  # ... and its size in memory (token embeddings are big)
     encoder_timeout_s: float = Field(30.0, gt=0)
+    # How the router reaches encoder replicas. grpc: Serve's direct gRPC channel to each
+    # replica, inputs pickled into the message. ray: Ray actor calls (inputs over 100 KB go
+    # through the object store). Measured on 2 cores, image task at c=1: 11.3 -> 8.2 ms of
+    # server CPU a request, p50 8.7 -> 6.9 ms (bench/RESULTS.md, run H).
+    encoder_transport: Literal["grpc", "ray"] = "grpc"
     # Per replica: past it, the replica fails its health check and Serve replaces it. None: none.
     memory_limit_mb: float | None = Field(4096, gt=0)
     gateway: GatewaySettings = GatewaySettings()

@@ -21,6 +21,7 @@ from multimed.services.config import BatchConfig, EncoderBackend
 from multimed.services.encoding import EncoderCore
 from multimed.services.errors import Expired, ModelFault
 from multimed.services.memory import MemoryLimited
+from multimed.services.offload import decoding_is_light, off_loop_if
 from multimed.services.remote import TritonEncoder
 from multimed.services.types import Embedding
 
@@ -91,13 +92,15 @@ class Encoder(MemoryLimited):
         """A live change starts a new batcher; batches already in the old one finish there."""
         config = BatchConfig.model_validate(user_config)
         torch.set_num_threads(config.torch_threads)
+        self.pipeline.precision = config.precision
         self.batcher = Coalescer(self._run_batch, config.max_batch_size, config.batches_in_flight)
 
     async def encode_many(
         self, raws: list[RawInput], deadlines: list[float | None] | None = None
     ) -> list[Embedding | Exception]:
-        """Decode and validate each input alone, in a worker thread so this replica's event loop
-        keeps batching while a large series decodes (a bad input answers with its error); drop
+        """Decode and validate each input alone, in a worker thread (unless the inputs are small
+        arrays or strings) so this replica's event loop keeps batching while a large series
+        decodes (a bad input answers with its error); drop
         inputs whose caller's deadline has passed; run the rest through the dynamic batcher,
         which also merges concurrent callers."""
         self.waiting += len(raws)  # from arrival: decoding is this replica's work too
@@ -109,7 +112,9 @@ class Encoder(MemoryLimited):
     async def _encode(
         self, raws: list[RawInput], deadlines: list[float | None] | None
     ) -> list[Embedding | Exception]:
-        prepared: list[Batch | Exception] = await asyncio.to_thread(self.core.prepare, raws)
+        prepared: list[Batch | Exception] = await off_loop_if(
+            not decoding_is_light(raws), self.core.prepare, raws
+        )
         now = time.time()
         for i, deadline in enumerate(deadlines or ()):
             if deadline is not None and deadline <= now and not isinstance(prepared[i], Exception):

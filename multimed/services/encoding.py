@@ -15,6 +15,7 @@ from multimed.models.errors import InputError
 from multimed.models.inputs import RawInput
 from multimed.models.modalities.base import Batch, ModalityPipeline
 from multimed.services.errors import ModelFault
+from multimed.services.offload import decoding_is_light, off_loop_if
 from multimed.services.types import Embedding
 
 log = logging.getLogger("multimed.encoder")
@@ -49,9 +50,11 @@ class EncoderCore:
     ) -> list[Encoded | ModelFault]:
         """Model-ready items as batches, one per kind: raw and model-ready items differ in their
         keys (text: token ids vs features). `forward`: a remote model's (Triton); default the
-        local one, run in a worker thread (torch releases the GIL), off the event loop."""
+        local one, run in a worker thread (torch releases the GIL), off the event loop, so
+        the next inputs are received and decoded meanwhile; a lone item runs on the loop, as
+        nothing else waits for it and the hop would cost more than it overlaps."""
         if forward is None:
-            return await asyncio.to_thread(self._encode_here, items)
+            return await off_loop_if(len(items) > 1, self._encode_here, items)
         kinds = _kinds(items)
         results: list[Encoded | ModelFault] = [None] * len(items)  # type: ignore[list-item]
         for members in kinds:
@@ -97,7 +100,8 @@ def _kinds(items: Sequence[Batch]) -> list[list[int]]:
 class LocalEncoder:
     """An encoder in this process with a deployment handle's call shape
     (`await encode_many.remote(raws, deadlines)`), so that the router runs unchanged: inputs
-    are decoded in a worker thread, then run in batches of at most `batch_size`."""
+    are decoded (in a worker thread unless small arrays or strings), then run in batches of at
+    most `batch_size`."""
 
     def __init__(self, core: EncoderCore, batch_size: int):
         self.core = core
@@ -109,7 +113,7 @@ class LocalEncoder:
         return asyncio.ensure_future(self._encode(raws))
 
     async def _encode(self, raws: Sequence[RawInput]) -> list[Embedding | Exception]:
-        prepared = await asyncio.to_thread(self.core.prepare, raws)
+        prepared = await off_loop_if(not decoding_is_light(raws), self.core.prepare, raws)
         valid = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
         out: list[Embedding | Exception] = list(prepared)  # type: ignore[arg-type]
         for start in range(0, len(valid), self.batch_size):

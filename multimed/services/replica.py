@@ -53,6 +53,7 @@ class RouterReplica(MemoryLimited):
         hospital: dict | None = None,
         in_router: dict[str, dict] | None = None,
         device: str = "auto",
+        encoder_transport: str = "ray",
     ):
         torch.set_num_threads(1)
         self.memory_limit_mb = memory_limit_mb
@@ -65,6 +66,8 @@ class RouterReplica(MemoryLimited):
             m: local_encoder(m, loaded, BatchConfig.model_validate(c), device)
             for m, c in (in_router or {}).items()
         }
+        if encoder_transport == "grpc":  # Serve's direct transport: gRPC to each replica
+            encoders = {m: h.options(_by_reference=False) for m, h in encoders.items()}
         self.router = Router(
             {**encoders, **self.local},
             tasks,
@@ -157,6 +160,7 @@ class RouterReplica(MemoryLimited):
 def local_encoder(modality: str, loaded, batch: BatchConfig, device: str) -> LocalEncoder:
     pipeline = build_pipeline(modality, loaded.config)
     pipeline.setup(pick_device(device), loaded.encoder_state(modality))
+    pipeline.precision = batch.precision
     return LocalEncoder(EncoderCore(modality, pipeline), batch.max_batch_size)
 
 

@@ -22,6 +22,7 @@ from multimed.models.tasks import TaskModels
 from multimed.services import metrics
 from multimed.services.cache import EmbeddingCache, content_key
 from multimed.services.errors import Expired, ModelFault
+from multimed.services.offload import OFFLOAD_BYTES, off_loop_if
 from multimed.services.types import Embedding, EncodeStats, PredictCall, PredictResult
 
 log = logging.getLogger("multimed.router")
@@ -73,7 +74,8 @@ class Router:
     ) -> list[Embedding | Exception]:
         """-> per input an Embedding, or its error as a value (raised by the caller, so that
         replica logs never carry an error message quoting the input)."""
-        keys: list[str | Exception] = await asyncio.to_thread(_keys, raws)
+        large = sum(r.size for r in raws) > OFFLOAD_BYTES
+        keys: list[str | Exception] = await off_loop_if(large, _keys, raws)
         wanted: dict[str, dict[str, Wanted]] = {}
         for raw, key in zip(raws, keys, strict=True):
             if isinstance(key, str):
@@ -86,11 +88,12 @@ class Router:
         one fusion pass per (task, modalities) group. A failing call fails alone; a call whose
         deadline has passed is dropped before any encoder runs it."""
         started = time.perf_counter()
-        # Hashing and fusion run in a worker thread. On the loop a coalesced batch's fusion
-        # holds it for milliseconds, and grpc.aio takes one new call from gRPC per loop turn:
-        # at 10x capacity two thirds of the calls waited in gRPC's queue until gRPC cancelled
-        # them (it cancels past 1,000 waiting).
-        checked = await asyncio.to_thread(lambda: [_checked_inputs(c) for c in calls])
+        # Hashing and fusion run in a worker thread, but for a lone call's or small inputs. On
+        # the loop a coalesced batch's fusion holds it for milliseconds, and grpc.aio takes one
+        # new call from gRPC per loop turn: at 10x capacity two thirds of the calls waited in
+        # gRPC's queue until gRPC cancelled them (it cancels past 1,000 waiting).
+        large = sum(r.size for c in calls for r in c.inputs) > OFFLOAD_BYTES
+        checked = await off_loop_if(large, lambda: [_checked_inputs(c) for c in calls])
         now = time.time()
         wanted: dict[str, dict[str, Wanted]] = {}
         for i, (call, inputs) in enumerate(zip(calls, checked, strict=True)):
@@ -112,8 +115,8 @@ class Router:
         results: list = [_embeddings(inputs, encoded) for inputs in checked]  # errors stay
         for (task, _, explain), members in group_calls(calls, results).items():
             try:
-                predictions = await asyncio.to_thread(
-                    self._fuse, task, [results[i] for i in members], explain
+                predictions = await off_loop_if(
+                    len(members) > 1, self._fuse, task, [results[i] for i in members], explain
                 )
             except Exception as error:  # fails this group only, never the whole batch
                 log.exception("fusion failed for %d %s calls", len(members), task)

