@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ class RawInput:
             return data.nbytes
         if hasattr(data, "nbytes"):  # numpy, without importing it here
             return int(data.nbytes)
-        if isinstance(data, dict):
+        if isinstance(data, Mapping):
             return 16 * len(data)
-        return sum(len(part) for part in data)  # a DICOM series
+        if isinstance(data, list | tuple):  # a DICOM series
+            return sum(len(part) for part in data if isinstance(part, bytes | bytearray))
+        return 0  # nothing a front door builds; decoding names the problem

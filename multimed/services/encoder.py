@@ -98,11 +98,10 @@ class Encoder(MemoryLimited):
     async def encode_many(
         self, raws: list[RawInput], deadlines: list[float | None] | None = None
     ) -> list[Embedding | Exception]:
-        """Decode and validate each input alone, in a worker thread (unless the inputs are small
-        arrays or strings) so this replica's event loop keeps batching while a large series
-        decodes (a bad input answers with its error); drop
-        inputs whose caller's deadline has passed; run the rest through the dynamic batcher,
-        which also merges concurrent callers."""
+        """Decode and validate each input alone (a bad input answers with its error), in a
+        worker thread unless the inputs are small arrays or strings, so this replica's event
+        loop keeps batching while a large series decodes; drop inputs whose caller's deadline
+        has passed; run the rest through the batcher, which also merges concurrent callers."""
         self.waiting += len(raws)  # from arrival: decoding is this replica's work too
         try:
             return await self._encode(raws, deadlines)

@@ -53,7 +53,7 @@ class RouterReplica(MemoryLimited):
         hospital: dict | None = None,
         in_router: dict[str, dict] | None = None,
         device: str = "auto",
-        encoder_transport: str = "ray",
+        encoder_transport: str = "grpc",
     ):
         torch.set_num_threads(1)
         self.memory_limit_mb = memory_limit_mb
