@@ -27,28 +27,10 @@ import torch
 import yaml
 
 from multimed.client import loadtest
-from multimed.models.bundle import load_bundle, save_bundle
-from multimed.models.catalog import CATALOG
+from multimed.models.bundle import load_bundle
 from multimed.models.modalities.registry import build_pipeline
 
-ENCODERS = ("xray", "ct", "mri")  # the serving bench's scenarios need these three
-
-
-def base_bundle(source: str, image_size: int, out: Path) -> str:
-    """`source` at encoder size `base` and `image_size`, freshly initialised: throughput does
-    not depend on the weights' values."""
-    bundle = load_bundle(source)
-    modalities = dict(bundle.config.modalities)
-    for m in ENCODERS:
-        modalities[m] = {**modalities.get(m, {}), "image_size": image_size}
-    config = bundle.config.model_copy(update={"size": "base", "modalities": modalities})
-    torch.manual_seed(0)
-    encoders = {
-        m: build_pipeline(m, config).build_encoder().state_dict() for m in CATALOG.modalities
-    }
-    meta = {"training": {"data": f"untrained, base size at {image_size}px, for benchmarking"}}
-    save_bundle(out, config, encoders, bundle.tasks_state(), meta)
-    return str(out)
+ENCODERS = tuple(sb.CHANNELS)  # the imaging encoders the serving bench's scenarios use
 
 
 def sync(device: str) -> None:
@@ -120,7 +102,7 @@ def main() -> None:
         sys.exit(2)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (script check)"
     scratch = Path(tempfile.mkdtemp(prefix="multimed-gpu-bench-"))
-    bundle = base_bundle(args.bundle, args.image_size, scratch / "bundle")
+    bundle = sb.sized_bundle(args.bundle, args.image_size, scratch / "bundle", "base")
     results: dict = {"device": name, "args": vars(args), "raw": {}}
     print(f"{name}: raw forward, base encoders at {args.image_size}px (items/s)", flush=True)
     for m in ENCODERS:

@@ -52,26 +52,24 @@ def shape(modality: str, size: int) -> tuple[int, int, int]:
     return (CHANNELS[modality], size, size)
 
 
-def sized_bundle(source: str, image_size: int, out: Path) -> str:
-    """A bundle like `source` whose imaging encoders read image_size x image_size inputs, with
-    freshly initialised weights: throughput does not depend on the weights' values, and this
-    puts the per-item compute near the issue's probe (1x128x128)."""
+def sized_bundle(source: str, image_size: int, out: Path, encoder_size: str | None = None) -> str:
+    """A bundle like `source` whose imaging encoders read image_size x image_size inputs (and,
+    given `encoder_size`, are that size), with freshly initialised weights: throughput does not
+    depend on the weights' values, and this puts the per-item compute near the issue's probe
+    (1x128x128)."""
     bundle = load_bundle(source)
     modalities = dict(bundle.config.modalities)
     for m in CHANNELS:
         modalities[m] = {**modalities.get(m, {}), "image_size": image_size}
-    config = bundle.config.model_copy(update={"modalities": modalities})
+    update = {"modalities": modalities} | ({"size": encoder_size} if encoder_size else {})
+    config = bundle.config.model_copy(update=update)
     torch.manual_seed(0)
     encoders = {
         m: build_pipeline(m, config).build_encoder().state_dict() for m in CATALOG.modalities
     }
-    save_bundle(
-        out,
-        config,
-        encoders,
-        bundle.tasks_state(),
-        {"training": {"data": f"untrained, for benchmarking at {image_size}px"}},
-    )
+    size = f"{encoder_size or config.size} encoders at {image_size}px"
+    meta = {"training": {"data": f"untrained, {size}, for benchmarking"}}
+    save_bundle(out, config, encoders, bundle.tasks_state(), meta)
     return str(out)
 
 

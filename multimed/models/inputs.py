@@ -28,9 +28,7 @@ class RawInput:
         data = self.data
         if isinstance(data, str | bytes | bytearray):
             return len(data)
-        if isinstance(data, memoryview):
-            return data.nbytes
-        if hasattr(data, "nbytes"):  # numpy, without importing it here
+        if hasattr(data, "nbytes"):  # numpy (without importing it here), memoryview
             return int(data.nbytes)
         if isinstance(data, Mapping):
             return 16 * len(data)

@@ -56,17 +56,18 @@ class EncoderCore:
         if forward is None:
             return await off_loop_if(len(items) > 1, self._encode_here, items)
         kinds = _kinds(items)
-        results: list[Encoded | ModelFault] = [None] * len(items)  # type: ignore[list-item]
-        for members in kinds:
-            out = await forward(self.pipeline.collate([items[i] for i in members]))
-            for i, result in zip(members, self._unbatch(out), strict=True):
-                results[i] = result
-        return results
+        outs = [await forward(self.pipeline.collate([items[i] for i in k])) for k in kinds]
+        return self._scatter(len(items), kinds, outs)
 
     def _encode_here(self, items: Sequence[Batch]) -> list[Encoded | ModelFault]:
-        results: list[Encoded | ModelFault] = [None] * len(items)  # type: ignore[list-item]
-        for members in _kinds(items):
-            out = self.pipeline.forward(self.pipeline.collate([items[i] for i in members]))
+        kinds = _kinds(items)
+        outs = [self.pipeline.forward(self.pipeline.collate([items[i] for i in k])) for k in kinds]
+        return self._scatter(len(items), kinds, outs)
+
+    def _scatter(self, n: int, kinds: list[list[int]], outs: list) -> list[Encoded | ModelFault]:
+        """Each kind's forward output back to its items' places."""
+        results: list[Encoded | ModelFault] = [None] * n  # type: ignore[list-item]
+        for members, out in zip(kinds, outs, strict=True):
             for i, result in zip(members, self._unbatch(out), strict=True):
                 results[i] = result
         return results

@@ -19,10 +19,15 @@ OFFLOAD_BYTES = 256 * 1024  # converting or hashing a payload larger than this r
 CHEAP_FORMS = frozenset({InputForm.TENSOR, InputForm.TEXT, InputForm.SEQUENCE})
 
 
+def is_large(raws: Iterable[RawInput]) -> bool:
+    """Whether hashing or converting these inputs is worth a thread hop."""
+    return sum(r.size for r in raws) > OFFLOAD_BYTES
+
+
 def decoding_is_light(raws: Iterable[RawInput]) -> bool:
     """Whether decoding these inputs costs less than the thread hop (~0.1 ms of CPU here)."""
     raws = list(raws)
-    return all(r.form in CHEAP_FORMS for r in raws) and sum(r.size for r in raws) <= OFFLOAD_BYTES
+    return all(r.form in CHEAP_FORMS for r in raws) and not is_large(raws)
 
 
 async def off_loop_if(large: bool, function: Callable[..., T], *args) -> T:

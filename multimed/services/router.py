@@ -22,7 +22,7 @@ from multimed.models.tasks import TaskModels
 from multimed.services import metrics
 from multimed.services.cache import EmbeddingCache, content_key
 from multimed.services.errors import Expired, ModelFault
-from multimed.services.offload import OFFLOAD_BYTES, off_loop_if
+from multimed.services.offload import is_large, off_loop_if
 from multimed.services.types import Embedding, EncodeStats, PredictCall, PredictResult
 
 log = logging.getLogger("multimed.router")
@@ -74,8 +74,7 @@ class Router:
     ) -> list[Embedding | Exception]:
         """-> per input an Embedding, or its error as a value (raised by the caller, so that
         replica logs never carry an error message quoting the input)."""
-        large = sum(r.size for r in raws) > OFFLOAD_BYTES
-        keys: list[str | Exception] = await off_loop_if(large, _keys, raws)
+        keys: list[str | Exception] = await off_loop_if(is_large(raws), _keys, raws)
         wanted: dict[str, dict[str, Wanted]] = {}
         for raw, key in zip(raws, keys, strict=True):
             if isinstance(key, str):
@@ -92,7 +91,7 @@ class Router:
         # the loop a coalesced batch's fusion holds it for milliseconds, and grpc.aio takes one
         # new call from gRPC per loop turn: at 10x capacity two thirds of the calls waited in
         # gRPC's queue until gRPC cancelled them (it cancels past 1,000 waiting).
-        large = sum(r.size for c in calls for r in c.inputs) > OFFLOAD_BYTES
+        large = is_large(r for c in calls for r in c.inputs)
         checked = await off_loop_if(large, lambda: [_checked_inputs(c) for c in calls])
         now = time.time()
         wanted: dict[str, dict[str, Wanted]] = {}

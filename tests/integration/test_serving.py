@@ -21,9 +21,12 @@ from servers import StreamMetadata, health, metric, replicas, scrape
 
 from multimed.client import AsyncMultiMedClient, MultiMedClient
 from multimed.client.sdk import predict_request
+from multimed.models.bundle import load_bundle
 from multimed.models.catalog import CATALOG, InputForm
 from multimed.models.cohort.writer import FILES, QUESTION_FILE
 from multimed.models.inputs import RawInput
+from multimed.models.modalities.registry import build_pipeline
+from multimed.models.tasks import TaskModels
 from multimed.v1 import multimed_pb2 as pb
 
 
@@ -264,10 +267,6 @@ def test_an_encoder_placed_in_the_router_answers_like_the_model(server, client):
     """The session's server runs OCT's encoder inside the router replica: its answers equal
     the bundle's models run in this process, a bad input fails alone, and its health and
     replica gauge count the router's own copy."""
-    from multimed.models.bundle import load_bundle
-    from multimed.models.modalities.registry import build_pipeline
-    from multimed.models.tasks import TaskModels
-
     task = "diabetic_retinopathy_classification"
     bundle = load_bundle(server.bundle)
     pipeline = build_pipeline("oct", bundle.config).setup("cpu", bundle.encoder_state("oct"))
