@@ -71,6 +71,28 @@ def _train(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from tqdm import tqdm
+
+    from multimed.models.report import QUICK, ReportSettings, build_report, steps
+    from multimed.models.report_writer import update_readme
+
+    settings = QUICK if args.quick else ReportSettings()
+    with tqdm(total=steps(settings), unit="stage", disable=args.no_progress) as bar:
+
+        def progress(stage: str) -> None:  # a stage starts: the one before it is done
+            bar.update(0 if bar.desc == "" else 1)
+            bar.set_description(stage)
+
+        build_report(args.out, settings, progress)
+        bar.update(1)
+    print(f"report written to {args.out / 'report.md'} (numbers in results.json, figures as PNG)")
+    if args.readme is not None:
+        update_readme(args.readme, args.out)
+        print(f"{args.readme}: results section updated")
+    return 0
+
+
 def _evaluate(args) -> int:
     from multimed.models.evaluate import format_table
     from multimed.models.train import evaluate_bundle
@@ -472,6 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "report", help="train and compare models; write the results tables and figures (~40 min)"
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quick", action="store_true", help="tiny budgets: checks the command only")
+    p.add_argument("--readme", type=Path, help="also fill this README's results section")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("export", help="write the encoders as a Triton model repository")
     p.add_argument("--format", choices=("triton",), default="triton")

@@ -19,7 +19,7 @@ from multimed.models.train import TrainSettings, train
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "serving"
-    train(out, TrainSettings(patients=60, epochs=1, real_cells=False), ModelConfig())
+    train(out, TrainSettings(patients=60, epochs=1, real_data=False), ModelConfig())
     return out
 
 

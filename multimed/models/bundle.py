@@ -18,7 +18,9 @@ from multimed.models.catalog import CATALOG, CATALOG_VERSION
 from multimed.models.config import ModelConfig
 from multimed.models.errors import BundleError
 
-BUNDLE_FORMAT = 2  # 2: calibration temperatures and OOD statistics in tasks.safetensors
+# 2: calibration temperatures and OOD statistics in tasks.safetensors; 3: the OOD score also
+# reads each encoder's descriptor (its statistics are sized by it)
+BUNDLE_FORMAT = 3
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"
 TASKS_FILE = "tasks.safetensors"

@@ -239,9 +239,11 @@ def _build() -> Catalog:
         ),
         TaskSpec(
             "diabetic_retinopathy_classification",
-            "ICDR grade from retinal OCT",
+            # The benchmark's OCT source (OCT2017) is labelled with these four classes; ICDR
+            # grades (none..proliferative) are read from fundus photographs, not OCT.
+            "retinal OCT finding (OCT2017 classes: diabetic macular edema among them)",
             S,
-            ("none", "mild", "moderate", "severe", "proliferative"),
+            ("normal", "drusen", "dme", "cnv"),
             "accuracy",
             all_of=("oct",),
             optional=("text",),

@@ -13,7 +13,7 @@ from multimed.models.fusion import build_fusion
 from multimed.models.heads import Head
 from multimed.models.modalities.base import EncoderOutput
 from multimed.models.outputs import Prediction, output_of
-from multimed.models.trust import Novelty, OodScore
+from multimed.models.trust import Novelty, OodScore, novelty_input
 
 
 class TaskModel(nn.Module):
@@ -42,7 +42,7 @@ class TaskModels(nn.Module):
         super().__init__()
         self.config = config
         self.tasks = nn.ModuleDict({t: TaskModel(s, config) for t, s in CATALOG.tasks.items()})
-        self.novelty = nn.ModuleDict({m: Novelty(config.embed_dim) for m in CATALOG.modalities})
+        self.novelty = nn.ModuleDict({m: Novelty() for m in CATALOG.modalities})
 
     @torch.inference_mode()
     def predict(self, task_id: str, outputs: Mapping[str, EncoderOutput]) -> list[Prediction]:
@@ -62,6 +62,6 @@ class TaskModels(nn.Module):
         return output_of(spec).predictions(spec.labels, raw, mask)
 
     @torch.inference_mode()
-    def out_of_distribution(self, modality: str, pooled: Tensor) -> list[OodScore]:
-        """Pooled embeddings [B, D] of one modality -> per item its OOD score and flag."""
-        return self.novelty[modality].flags(pooled)
+    def out_of_distribution(self, modality: str, out: EncoderOutput) -> list[OodScore]:
+        """One modality's encoder outputs (batch B) -> per item its OOD score and flag."""
+        return self.novelty[modality].flags(novelty_input(out.pooled, out.descriptor))

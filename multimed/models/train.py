@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +17,17 @@ from torch import Tensor, nn
 
 from multimed.models.bundle import Bundle, load_bundle, save_bundle
 from multimed.models.catalog import CATALOG
-from multimed.models.codecs.types import GeneCounts
-from multimed.models.cohort.dataset import CohortTensors, TaskData, build_tensors
-from multimed.models.cohort.synthetic import generate_cohort, load_pbmc68k
+from multimed.models.cohort.dataset import CohortTensors, Split, TaskData, build_tensors
+from multimed.models.cohort.real import RealPart, real_parts
+from multimed.models.cohort.synthetic import Patient, generate_cohort
 from multimed.models.config import Frozen, ModelConfig
-from multimed.models.evaluate import calibration_report, evaluate, flagged_share, pooled, task_raw
+from multimed.models.evaluate import (
+    calibration_report,
+    evaluate,
+    flagged_share,
+    novelty_inputs,
+    task_raw,
+)
 from multimed.models.modalities.base import ModalityPipeline
 from multimed.models.modalities.registry import build_pipelines
 from multimed.models.model import Model
@@ -29,8 +35,6 @@ from multimed.models.outputs import output_of
 from multimed.models.trust import fit_temperature
 
 log = logging.getLogger(__name__)
-
-REAL_CELLS = "pbmc68k_reduced"
 
 
 class TrainSettings(Frozen):
@@ -44,7 +48,9 @@ class TrainSettings(Frozen):
     lr: float = Field(2e-3, gt=0)
     tasks: tuple[str, ...] = tuple(CATALOG.tasks)
     modalities: tuple[str, ...] = tuple(CATALOG.modalities)
-    real_cells: bool = True  # also train/evaluate cell types on scanpy's pbmc68k_reduced
+    # Also train and evaluate on the real data of the tasks (cohort/real.py): cell types on
+    # scanpy's pbmc68k_reduced, secondary structure on MDAnalysisTests' protein chains.
+    real_data: bool = True
     # Modality dropout, so every subset a request may carry is seen in training.
     drop_optional: float = Field(0.3, ge=0, le=1)
     drop_alternative: float = Field(0.4, ge=0, le=1)  # each present member of an any-of group
@@ -81,24 +87,6 @@ def modality_dropout(task: TaskData, present: Tensor, s: TrainSettings, gen) -> 
     return keep
 
 
-def real_cell_tensors(pipelines: dict[str, ModalityPipeline]) -> CohortTensors:
-    counts, labels = load_pbmc68k()
-    scrna = pipelines["scrna"]
-    batch = scrna.collate([scrna.preprocess(GeneCounts(c)) for c in counts])
-    spec = CATALOG.task("cell_type_classification")
-    present = torch.tensor([[m == "scrna" for m in spec.accepted]] * len(labels))
-    target = torch.as_tensor(labels, dtype=torch.long)
-    task = TaskData(spec, {"scrna": "scrna"}, present, present, target)
-    return CohortTensors({"scrna": batch}, {spec.id: task}, len(labels))
-
-
-@dataclass(frozen=True)
-class Split:
-    train: Tensor
-    validation: Tensor
-    test: Tensor
-
-
 def split(n: int, settings: TrainSettings) -> Split:
     """A deterministic train / validation / test split of n items."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed))
@@ -113,24 +101,40 @@ class Prepared:
 
     data: CohortTensors
     split: Split
-    real: CohortTensors | None = None
-    real_split: Split | None = None
+    patients: list[Patient]  # the synthetic cohort, whose latent state gives the ceilings
+    real: dict[str, RealPart] = field(default_factory=dict)
 
     def evaluate(self, model: Model) -> dict:
-        metrics = evaluate(model, self.data, self.split.train, self.split.test)
+        tested = [self.patients[i] for i in self.split.test]
+        metrics = evaluate(model, self.data, self.split.train, self.split.test, tested)
         metrics["calibration"] = calibration_report(model, self.data, self.split.test)
         metrics["out_of_distribution"] = {
             m: {"threshold": round(float(model.task_models.novelty[m].threshold), 4)}
             | flagged_share(model, [(self.data, self.split.test)], m)
             for m in self.modalities()
         }
-        if self.real is not None:
-            real = evaluate(model, self.real, self.real_split.train, self.real_split.test)
-            metrics["real_data"] = {REAL_CELLS: real["tasks"]}
+        if self.real:
+            metrics["real_data"] = {name: _evaluate_real(model, p) for name, p in self.real.items()}
         return metrics
 
     def modalities(self) -> list[str]:
         return sorted({m for task in self.data.tasks.values() for m in task.sources})
+
+    def restricted(self, tasks: Sequence[str], modalities: Sequence[str]) -> Prepared:
+        """The same cohort and split for fewer tasks and modalities (one left out is never
+        sent, in training or in evaluation): the separately trained models of a comparison."""
+        allowed = set(modalities)
+
+        def narrow(task: TaskData) -> TaskData:
+            mask = torch.tensor([m in allowed for m in task.spec.accepted])
+            sources = {m: key for m, key in task.sources.items() if m in allowed}
+            return TaskData(
+                task.spec, sources, task.present & mask, task.available & mask, task.target
+            )
+
+        kept = {t: narrow(self.data.tasks[t]) for t in tasks if t in self.data.tasks}
+        real = {n: p for n, p in self.real.items() if p.task in kept and p.modality in allowed}
+        return replace(self, data=CohortTensors(self.data.inputs, kept, self.data.n), real=real)
 
     def fit_trust(self, model: Model) -> None:
         """Per task the temperature, per modality the OOD statistics (training embeddings) and
@@ -141,13 +145,15 @@ class Prepared:
             model.task_models.tasks[t].temperature.fill_(
                 fit_temperature(output_of(task.spec), raw, target)
             )
+        # novelty_inputs() takes from each part what it has; real data is in distribution too
         train = [(self.data, self.split.train)]
+        train += [(p.data, p.split.train) for p in self.real.values()]
         validation = [(self.data, self.split.validation)]
-        if self.real is not None:  # pooled() takes from each part the modalities it has
-            train.append((self.real, self.real_split.train))
-            validation.append((self.real, self.real_split.validation))
+        validation += [(p.data, p.split.validation) for p in self.real.values()]
         for m in self.modalities():
-            model.task_models.novelty[m].fit(pooled(model, train, m), pooled(model, validation, m))
+            model.task_models.novelty[m].fit(
+                novelty_inputs(model, train, m), novelty_inputs(model, validation, m)
+            )
 
 
 def prepare(settings: TrainSettings, pipelines: dict[str, ModalityPipeline]) -> Prepared:
@@ -156,24 +162,26 @@ def prepare(settings: TrainSettings, pipelines: dict[str, ModalityPipeline]) -> 
     cohort = generate_cohort(settings.patients, settings.seed)
     log.info("cohort of %d generated in %.1fs", len(cohort), time.monotonic() - started)
     data = build_tensors(cohort, pipelines, tasks)
-    prepared = Prepared(data, split(data.n, settings))
-    if settings.real_cells and "cell_type_classification" in tasks:
-        prepared.real = real_cell_tensors(pipelines)
-        prepared.real_split = split(prepared.real.n, settings)
+    prepared = Prepared(data, split(data.n, settings), cohort)
+    if settings.real_data:
+        prepared.real = real_parts(pipelines, tasks)
     log.info("tensors ready in %.1fs", time.monotonic() - started)
     return prepared
 
 
-def train(out: Path, settings: TrainSettings, config: ModelConfig) -> Bundle:
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed)
+def seeded_model(pipelines: dict[str, ModalityPipeline], config: ModelConfig, seed: int) -> Model:
+    """A fresh model whose initial weights (and dropout draws after) follow the seed."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return Model(pipelines, config)
+
+
+def fit(prep: Prepared, settings: TrainSettings, model: Model) -> float:
+    """Train the encoders of the prepared tasks' modalities, their fusions and heads, then fit
+    calibration and OOD statistics on validation. -> training seconds."""
     started = time.monotonic()
-    all_pipelines = build_pipelines(config)
-    pipelines = {m: all_pipelines[m] for m in settings.modalities}
-    prep = prepare(settings, pipelines)
-    data, train_idx, real = prep.data, prep.split.train, prep.real
-    model = Model(all_pipelines, config)
-    trainable = [p for m in pipelines for p in model.encoders[m].parameters()]
+    data, train_idx = prep.data, prep.split.train
+    trainable = [p for m in prep.modalities() for p in model.encoders[m].parameters()]
     trainable += list(model.task_models.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train_idx) / settings.batch_size)
@@ -188,10 +196,11 @@ def train(out: Path, settings: TrainSettings, config: ModelConfig) -> Bundle:
         for step in range(steps_per_epoch):
             idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
             total = _step_loss(model, data, idx, settings, gen)
-            if real is not None:
-                pick = torch.randint(len(prep.real_split.train), (len(idx),), generator=gen)
-                ridx = prep.real_split.train[pick]
-                total = total + _step_loss(model, real, ridx, settings, gen)
+            for part in prep.real.values():
+                # At most a quarter of a small real set per step (41 training chains).
+                n = min(len(idx), max(1, len(part.split.train) // 4))
+                pick = torch.randint(len(part.split.train), (n,), generator=gen)
+                total = total + _step_loss(model, part.data, part.split.train[pick], settings, gen)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             nn.utils.clip_grad_norm_(trainable, 2.0)
@@ -205,29 +214,42 @@ def train(out: Path, settings: TrainSettings, config: ModelConfig) -> Bundle:
             epoch_loss / steps_per_epoch,
             time.monotonic() - started,
         )
-    train_seconds = time.monotonic() - started
-
+    seconds = time.monotonic() - started
     prep.fit_trust(model)
+    return seconds
+
+
+def train(out: Path, settings: TrainSettings, config: ModelConfig) -> Bundle:
+    all_pipelines = build_pipelines(config)
+    prep = prepare(settings, {m: all_pipelines[m] for m in settings.modalities})
+    model = seeded_model(all_pipelines, config, settings.seed)
+    train_seconds = fit(prep, settings, model)
     metrics = prep.evaluate(model)
     held = prep.split
     info = {
         "training": {
             "data": f"synthetic cohort: {settings.patients} patients, seed {settings.seed}, "
             f"{len(held.validation)} for validation, {len(held.test)} held out"
-            + (
-                f"; {REAL_CELLS}: {real.n} real cells, {len(prep.real_split.test)} held out"
-                if real is not None
-                else ""
+            + "".join(
+                f"; {name}: {p.data.n} real items, {len(p.split.test)} held out"
+                for name, p in prep.real.items()
             ),
             "settings": settings.model_dump(mode="json"),
-            "trained_tasks": list(data.tasks),
-            "trained_modalities": list(pipelines),
+            "trained_tasks": list(prep.data.tasks),
+            "trained_modalities": prep.modalities(),
             "seconds": round(train_seconds, 1),
         },
         "metrics": metrics,
     }
     encoders = {m: model.encoders[m].state_dict() for m in all_pipelines}
     return save_bundle(out, config, encoders, model.task_models.state_dict(), info)
+
+
+def _evaluate_real(model: Model, part: RealPart) -> dict:
+    """The task's row on the real test split, with the logistic regression beside it."""
+    rows = evaluate(model, part.data, part.split.train, part.split.test)["tasks"]
+    rows[part.task]["logistic_regression"] = round(part.baseline(), 4)
+    return rows
 
 
 def _step_loss(model: Model, data: CohortTensors, idx: Tensor, s: TrainSettings, gen) -> Tensor:

@@ -1,6 +1,7 @@
 """When an answer should not be trusted: per-task temperature scaling of the scores, and per
-modality an out-of-distribution score of the pooled embedding. Both are fitted after training,
-on data the weights never saw (the validation split), and travel in the bundle as buffers."""
+modality an out-of-distribution score of the embedding and the encoder's descriptor. Both are
+fitted after training, on data the weights never saw (the validation split), and travel in the
+bundle as buffers."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from multimed.models.outputs import Output
 
 ECE_BINS = 15
 ACCEPT = 0.95  # in-distribution validation items under the OOD threshold
-SHRINK = 0.1  # covariance shrinkage toward its mean variance: embeddings outnumber few patients
+SHRINK = 0.1  # correlation shrinkage toward the identity: features outnumber few patients
 TEMPERATURES = torch.logspace(-1.5, 1.5, 121)  # 0.03 to 32, ~6 % apart
 
 
@@ -59,34 +60,54 @@ class OodScore:
     flagged: bool
 
 
-class Novelty(nn.Module):
-    """One modality's out-of-distribution score: the Mahalanobis distance of a pooled embedding
-    to the training embeddings (their mean and shrunk covariance), divided by sqrt(D) so that a
-    typical training item scores about 1. Flagged above `threshold`, which 95 % of in-distribution
-    validation items stay under. Unfitted (a modality never trained), nothing is flagged."""
+def novelty_input(pooled: Tensor, descriptor: Tensor) -> Tensor:
+    """What the OOD score reads for a batch: the embedding and the encoder's descriptor."""
+    return torch.cat([pooled.float(), descriptor.float()], -1)
 
-    def __init__(self, dim: int):
+
+class Novelty(nn.Module):
+    """One modality's out-of-distribution score: the Mahalanobis distance of an input's
+    `novelty_input` to the training inputs', each feature standardised and their correlation
+    shrunk toward the identity (features outnumber patients), divided by sqrt(K) so that a
+    typical training item scores about 1. Flagged above `threshold`, which 95 % of
+    in-distribution validation items stay under. Unfitted (a modality never trained), nothing
+    is flagged."""
+
+    def __init__(self):
         super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("precision", torch.eye(dim))
+        # Sized when fitted, or when loaded: K is the encoder's, known only then.
+        self.register_buffer("mean", torch.zeros(0))
+        self.register_buffer("scale", torch.ones(0))
+        self.register_buffer("precision", torch.zeros(0, 0))
         self.register_buffer("threshold", torch.tensor(math.inf))
 
-    def forward(self, pooled: Tensor) -> Tensor:
-        """[B, D] -> [B] scores."""
-        centred = pooled.float() - self.mean
-        d2 = ((centred @ self.precision) * centred).sum(-1).clamp(min=0)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("mean", "scale", "precision"):
+            stored = state_dict.get(prefix + name)
+            if stored is not None:
+                setattr(self, name, torch.empty_like(stored))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """[B, K] -> [B] scores (0 while unfitted)."""
+        if self.mean.numel() == 0:
+            return torch.zeros(len(features))
+        z = (features.float() - self.mean) / self.scale
+        d2 = ((z @ self.precision) * z).sum(-1).clamp(min=0)
         return (d2 / self.mean.numel()).sqrt()
 
     @torch.no_grad()
     def fit(self, train: Tensor, validation: Tensor) -> None:
-        mean = train.mean(0)
-        covariance = torch.cov((train - mean).T)
-        spread = covariance.diagonal().mean()
-        covariance = (1 - SHRINK) * covariance + SHRINK * spread * torch.eye(len(mean))
-        self.mean.copy_(mean)
-        self.precision.copy_(torch.linalg.inv(covariance))
+        # A feature constant in training (a dead unit) gets a unit scale: any change there is
+        # measured against the shrinkage alone.
+        scale = train.std(0)
+        self.mean = train.mean(0)
+        self.scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))
+        z = (train - self.mean) / self.scale
+        correlation = (1 - SHRINK) * torch.cov(z.T) + SHRINK * torch.eye(len(self.mean))
+        self.precision = torch.linalg.inv(correlation)
         self.threshold.copy_(torch.quantile(self(validation), ACCEPT))
 
-    def flags(self, pooled: Tensor) -> list[OodScore]:
+    def flags(self, features: Tensor) -> list[OodScore]:
         threshold = float(self.threshold)
-        return [OodScore(float(s), threshold, float(s) > threshold) for s in self(pooled)]
+        return [OodScore(float(s), threshold, float(s) > threshold) for s in self(features)]

@@ -65,6 +65,7 @@ class EmbeddingCache:
             value,
             pooled=np.array(value.pooled),
             tokens=None if value.tokens is None else np.array(value.tokens),
+            descriptor=np.array(value.descriptor),
         )
         self.bytes += size
         while len(self._items) > self.entries or self.bytes > self.max_bytes:
@@ -73,4 +74,4 @@ class EmbeddingCache:
 
 
 def _nbytes(e: Embedding) -> int:
-    return e.pooled.nbytes + (0 if e.tokens is None else e.tokens.nbytes)
+    return e.pooled.nbytes + e.descriptor.nbytes + (0 if e.tokens is None else e.tokens.nbytes)

@@ -20,7 +20,8 @@ from multimed.services.types import Embedding
 
 log = logging.getLogger("multimed.encoder")
 
-Encoded = tuple[np.ndarray, np.ndarray | None]  # pooled [D], tokens [L, D] or None
+# pooled [D], tokens [L, D] or None, descriptor [K]: the leading fields of an Embedding
+Encoded = tuple[np.ndarray, np.ndarray | None, np.ndarray]
 
 
 class EncoderCore:
@@ -79,15 +80,18 @@ class EncoderCore:
         for item in self.pipeline.unbatch(out):
             tokens = None if item.tokens is None else item.tokens[0].float().cpu().numpy()
             pooled = item.pooled[0].float().cpu().numpy()
-            if not np.isfinite(pooled).all() or (
-                tokens is not None and not np.isfinite(tokens).all()
-            ):
+            descriptor = item.descriptor[0].float().cpu().numpy()
+            if not _finite(pooled, descriptor, tokens):
                 log.error("%s encoder produced non-finite values", self.modality)
                 fault = ModelFault(f"the {self.modality} encoder produced non-finite values")
                 results.append(fault)
             else:
-                results.append((pooled, tokens))
+                results.append((pooled, tokens, descriptor))
         return results
+
+
+def _finite(*arrays: np.ndarray | None) -> bool:
+    return all(a is None or np.isfinite(a).all() for a in arrays)
 
 
 def _kinds(items: Sequence[Batch]) -> list[list[int]]:

@@ -43,7 +43,9 @@ class _ModelReady(nn.Module):
 
     def forward(self, tensor: torch.Tensor):
         out = self.encoder(self.pipeline.model_batch(tensor))
-        return out.pooled if out.tokens is None else (out.pooled, out.tokens)
+        if out.tokens is None:
+            return out.pooled, out.descriptor
+        return out.pooled, out.tokens, out.descriptor
 
 
 def model_ready(pipeline: ModalityPipeline, decoded: Sequence[object]) -> torch.Tensor:
@@ -88,6 +90,7 @@ def _check(path: Path, pipeline: ModalityPipeline, tensor: torch.Tensor) -> floa
     with torch.inference_mode():
         want = pipeline.encoder(pipeline.model_batch(tensor))
     diff = float(np.abs(got[0] - want.pooled.numpy()).max())
+    diff = max(diff, float(np.abs(got[-1] - want.descriptor.numpy()).max()))
     if want.tokens is not None:
         mask = want.token_mask.numpy()
         diff = max(diff, float(np.abs(got[1] - want.tokens.numpy())[mask].max()))

@@ -70,11 +70,12 @@ class TritonEncoder:
             status = (e.status() or "").removeprefix("StatusCode.")
             raise self._unavailable(f"failed ({status}): {e.message()}") from None
         pooled = torch.from_numpy(result.as_numpy("embedding").copy())
-        if len(self.outputs) == 1:
-            return EncoderOutput(pooled)
+        descriptor = torch.from_numpy(result.as_numpy("descriptor").copy())
+        if "tokens" not in self.outputs:
+            return EncoderOutput(pooled, descriptor=descriptor)
         tokens = torch.from_numpy(result.as_numpy("tokens").copy())
         mask = self.pipeline.model_batch(tensor)["mask"][:, : tokens.shape[1]]
-        return EncoderOutput(pooled, tokens, mask)
+        return EncoderOutput(pooled, tokens, mask, descriptor)
 
 
 def _tls(tls: ClientTLS | None) -> dict:

@@ -238,7 +238,7 @@ class Router:
                 for m, e in embeddings.items()
             },
             out_of_distribution={
-                m: self.tasks.out_of_distribution(m, torch.from_numpy(e.pooled)[None])[0]
+                m: self.tasks.out_of_distribution(m, _as_output(e))[0]
                 for m, e in embeddings.items()
             },
         )
@@ -326,7 +326,12 @@ def _as_output(e: Embedding) -> EncoderOutput:
     if e.tokens is not None:
         tokens = torch.from_numpy(e.tokens).unsqueeze(0)
         mask = torch.ones(1, e.tokens.shape[0], dtype=torch.bool)
-    return EncoderOutput(torch.from_numpy(e.pooled).unsqueeze(0), tokens, mask)
+    return EncoderOutput(
+        torch.from_numpy(e.pooled).unsqueeze(0),
+        tokens,
+        mask,
+        torch.from_numpy(e.descriptor).unsqueeze(0),
+    )
 
 
 def _embeddings(

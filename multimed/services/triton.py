@@ -30,7 +30,9 @@ class TensorInfo:
 class EncoderSignature:
     modality: str
     input: TensorInfo  # the model-ready tensor, named after the modality
-    outputs: tuple[TensorInfo, ...]  # "embedding" [D], and "tokens" [-1, D] for sequences
+    # "embedding" [D], "tokens" [-1, D] for sequences, and "descriptor" [K] (what the OOD score
+    # reads besides the embedding; K is the encoder's)
+    outputs: tuple[TensorInfo, ...]
 
     @property
     def output_names(self) -> list[str]:
@@ -50,6 +52,7 @@ def encoder_signature(modality: str, spec: TensorSpec, embed_dim: int) -> Encode
     outputs = [TensorInfo("embedding", "FP32", (embed_dim,))]
     if CATALOG.modality(modality).emits_tokens:
         outputs.append(TensorInfo("tokens", "FP32", (-1, embed_dim)))
+    outputs.append(TensorInfo("descriptor", "FP32", (-1,)))
     model_ready = TensorInfo(modality, datatype_of(spec), spec.shape, modality)
     return EncoderSignature(modality, model_ready, tuple(outputs))
 

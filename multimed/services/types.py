@@ -17,7 +17,8 @@ class Embedding:
     """One item's encoder output, plus how it was computed (for metrics)."""
 
     pooled: np.ndarray  # [D]
-    tokens: np.ndarray | None = None  # [L, D]
+    tokens: np.ndarray | None  # [L, D]
+    descriptor: np.ndarray  # [K]: what the OOD score reads besides `pooled` (EncoderOutput's)
     batch_size: int = 1  # size of the encoder batch it ran in; 0 when served from the cache
     queue_depth: int = 0  # requests waiting at the encoder when it was batched
     replica: str = ""  # the encoder replica that computed it

@@ -111,7 +111,7 @@ def test_probes_metadata_config_and_index(client):
         "INT64",
         [-1, -1],
     )
-    assert [t.name for t in protein.outputs] == ["embedding", "tokens"]
+    assert [t.name for t in protein.outputs] == ["embedding", "tokens", "descriptor"]
 
 
 @pytest.mark.parametrize("task", list(CATALOG.tasks))
@@ -151,6 +151,8 @@ def test_every_encoder_raw_bytes_equals_embed_and_takes_tensors(server, client, 
     batch = next(r[modality] for r in ready.values() if modality in r)
     result = client.infer(f"encoder_{modality}", [tensor(modality, batch)], headers=HEADERS)
     assert result.as_numpy("embedding").shape == (2, load_bundle(server.bundle).config.embed_dim)
+    descriptor = result.as_numpy("descriptor")  # what the OOD score reads besides the embedding
+    assert descriptor.shape[0] == 2 and descriptor.shape[1] > 0 and np.isfinite(descriptor).all()
     if CATALOG.modality(modality).emits_tokens:
         assert result.as_numpy("tokens").shape[:2] == batch.shape[:2]
 

@@ -1,6 +1,7 @@
 """Out-of-distribution flags through the real server: real clinical DICOM (pydicom's CT and MR)
 sent to models trained on the synthetic cohort are flagged; the cohort's own patients (drawn
-fresh from the generator) score below them. Every protocol carries the flag."""
+fresh from the generator) score below them, and below themselves shifted (more noise, other
+intensities). Every protocol carries the flag."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from servers import TOKEN
 
 from multimed.client.files import read_input
 from multimed.models.catalog import CATALOG
+from multimed.models.cohort.synthetic import generate_cohort
 from multimed.models.cohort.writer import FILES
+from multimed.models.report import SHIFTS
 
 TASKS = {"ct": "disease_classification", "mri": "brain_tumor_classification"}
 REAL = {"ct": "CT_small.dcm", "mri": "MR_small.dcm"}
@@ -49,6 +52,30 @@ def test_real_dicom_is_flagged_and_the_cohort_scores_lower(server, client, real_
     assert np.isfinite(real.threshold) and real.threshold > 0
     assert real.flagged
     assert real.score > max(c.score for c in cohort)
+
+
+@pytest.mark.parametrize(
+    ("modality", "shift"),
+    [("ct", "noise 0.3 sd"), ("ct", "intensity x1.5"), ("mri", "noise 0.3 sd")],
+)
+def test_shifted_scans_score_higher_than_the_cohorts_own(client, tmp_path, modality, shift):
+    """Fresh synthetic patients sent as tensors, as drawn and shifted as the report shifts them
+    (MRI intensities are rescaled per volume, so only noise shifts them)."""
+    rng = np.random.default_rng(0)
+    patients = generate_cohort(4, seed=77)
+
+    def scores(apply) -> list[float]:
+        out = []
+        for i, patient in enumerate(patients):
+            path = tmp_path / f"{modality}-{i}.npy"
+            np.save(path, apply(np.asarray(patient.inputs[modality]), rng))
+            answer = client.predict(TASKS[modality], {modality: path})
+            out.append(answer.out_of_distribution[modality].score)
+        return out
+
+    plain, shifted = scores(SHIFTS["none"]), scores(SHIFTS[shift])
+    print(f"{modality} {shift}: {np.round(plain, 2)} -> {np.round(shifted, 2)}")
+    assert min(shifted) > max(plain)
 
 
 def test_every_used_modality_has_a_score(server, client):

@@ -95,5 +95,5 @@ def test_export_triton_repository_matches_torch(server, tmp_path):
         assert config.name == f"encoder_{m}" and config.platform == "onnxruntime_onnx"
         assert config.max_batch_size > 1 and config.HasField("dynamic_batching")
         assert [i.name for i in config.input] == [m]
-        assert config.output[0].name == "embedding"
+        assert config.output[0].name == "embedding" and config.output[-1].name == "descriptor"
     assert "max |onnxruntime - torch|" in run.stdout

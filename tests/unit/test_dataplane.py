@@ -237,7 +237,7 @@ def test_metric_and_audit_labels_are_tasks_encoder_models_or_unknown():
 
 
 def embedding(value: float) -> Embedding:
-    return Embedding(np.full(4, value, dtype=np.float32))
+    return Embedding(np.full(4, value, dtype=np.float32), None, np.zeros(2, np.float32))
 
 
 def test_embedding_cache_evicts_the_least_recently_used_and_can_be_off():
@@ -253,15 +253,17 @@ def test_embedding_cache_evicts_the_least_recently_used_and_can_be_off():
 
 
 def test_embedding_cache_is_bounded_by_bytes_and_keeps_copies():
-    cache = EmbeddingCache(100, max_bytes=2 * embedding(0).pooled.nbytes)
+    each = embedding(0).pooled.nbytes + embedding(0).descriptor.nbytes
+    cache = EmbeddingCache(100, max_bytes=2 * each)
     sent = embedding(1)
     cache.put(("v", "a"), sent)
     cache.put(("v", "b"), embedding(2))
     cache.put(("v", "c"), embedding(3))
     assert cache.get(("v", "a")) is None and len(cache) == 2
-    assert cache.bytes == 2 * sent.pooled.nbytes
+    assert cache.bytes == 2 * each
     cache.put(("v", "a"), sent)
-    assert cache.get(("v", "a")).pooled is not sent.pooled  # a copy: no view kept alive
+    kept = cache.get(("v", "a"))  # copies: no view of a request's buffer kept alive
+    assert kept.pooled is not sent.pooled and kept.descriptor is not sent.descriptor
 
 
 def test_content_keys_follow_content_form_and_modality():

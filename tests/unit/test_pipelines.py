@@ -48,9 +48,13 @@ def test_encode_shape_determinism_and_batch_invariance(pipeline, patients):
     assert batched.pooled.shape == (3, 32)
     assert torch.isfinite(batched.pooled).all()
     assert torch.equal(pipeline.encode(raws).pooled, batched.pooled)  # deterministic
+    # The OOD score's descriptor: finite, per item, whatever the batch (batch norm in eval).
+    assert batched.descriptor.shape[0] == 3 and torch.isfinite(batched.descriptor).all()
     for i, raw in enumerate(raws):
         single = pipeline.encode([raw])
         assert torch.allclose(single.pooled[0], batched.pooled[i], atol=1e-4)
+        assert torch.allclose(single.descriptor[0], batched.descriptor[i], atol=1e-4)
+        assert torch.equal(pipeline.unbatch(batched)[i].descriptor[0], batched.descriptor[i])
     if CATALOG.modality(m).emits_tokens:
         items = pipeline.unbatch(batched)
         for i, raw in enumerate(raws):

@@ -49,7 +49,10 @@ class Encoder:
             raise RuntimeError("the replica died")
         if 0.25 in pixels:
             await asyncio.sleep(60)
-        return [Embedding(np.full(4, p, dtype=np.float32)) for p in pixels]
+        return [
+            Embedding(np.full(4, p, dtype=np.float32), None, np.zeros(2, np.float32))
+            for p in pixels
+        ]
 
 
 def xray(pixel: float) -> RawInput:

@@ -129,3 +129,53 @@ def test_pbmc68k_real_cells():
     lognorm = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
     for i in (0, 100, 350, 699):
         assert spearmanr(lognorm[i], raw[i]).statistic > 0.99
+
+
+def test_synthetic_cells_come_from_the_real_training_cells_only():
+    """The leak the issue found: held-out real cells must not shape the synthetic ones."""
+    train, validation, test = S.pbmc_split()
+    assert len(set(train) | set(validation) | set(test)) == 700
+    assert not (set(train) & set(test)) and not (set(validation) & set(test))
+    counts, _ = S.load_pbmc68k()
+    drawn_from = {r.tobytes() for k in S._cell_model().profiles for r in k.astype(np.float32)}
+    normalised = (counts / counts.sum(1, keepdims=True)).astype(np.float32)
+    assert len(drawn_from) == len(train)
+    assert all(normalised[i].tobytes() in drawn_from for i in train)
+    assert not any(normalised[i].tobytes() in drawn_from for i in (*validation, *test))
+
+
+def test_annotations_are_noisy_and_cells_vary_within_a_type(cohort):
+    """Nothing is perfect by construction: about 1 in 11 tumour and cell labels is wrong, and two
+    cells of one type are less alike than Poisson draws from one profile would be."""
+    for true, label in (("tumour", "tumour_label"), ("cell_type", "cell_label")):
+        wrong = np.mean([p.latent[true] != p.latent[label] for p in cohort])
+        assert 0.03 < wrong < 0.18, (true, wrong)
+    by_type = {}
+    for p in cohort:
+        by_type.setdefault(p.latent["cell_type"], []).append(p.inputs["scrna"].counts)
+    cells = max(by_type.values(), key=len)
+    shares = np.stack([c / c.sum() for c in cells])
+    spread = shares.std(0)[shares.mean(0) > 0.01]
+    poisson = np.sqrt(shares.mean(0) / np.mean([c.sum() for c in cells]))[shares.mean(0) > 0.01]
+    assert (spread > 1.5 * poisson).mean() > 0.5
+
+
+def test_ceilings_are_what_the_generator_allows(cohort):
+    """The oracle's scores: known in closed form for the tasks with one noise source, and
+    fusing modalities raises the disease ceiling as the generator plants it."""
+    from multimed.models.cohort.ceilings import ceiling
+
+    expected = {  # P(shown or annotated right) + P(wrong) / classes
+        "breast_cancer_classification": 0.9,
+        "brain_tumor_classification": S.P_LABEL + (1 - S.P_LABEL) / 4,
+        "cell_type_classification": S.P_LABEL + (1 - S.P_LABEL) / 10,
+    }
+    for task, value in expected.items():
+        assert abs(ceiling(task, cohort) - value) < 0.06, task
+    assert ceiling("medical_vqa", cohort) == 1.0
+    assert ceiling("motor_imagery_classification", cohort) is None
+    one = ceiling("disease_classification", cohort, {"xray"})
+    three = ceiling("disease_classification", cohort, {"xray", "ct", "mri"})
+    assert abs(one - (S.P_SHOW + (1 - S.P_SHOW) / 4)) < 0.08 and three > one + 0.1
+    dna = ceiling("expression_prediction", cohort, {"genomics"})
+    assert 0.2 < dna < ceiling("expression_prediction", cohort) - 0.3

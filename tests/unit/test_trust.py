@@ -52,7 +52,7 @@ def test_novelty_accepts_95_percent_and_flags_a_shift():
     gen = torch.Generator().manual_seed(3)
     scale = torch.linspace(0.5, 2, 16)
     train, validation, test = (torch.randn(n, 16, generator=gen) * scale for n in (4000, 2000, 999))
-    novelty = Novelty(16)
+    novelty = Novelty()
     assert not any(f.flagged for f in novelty.flags(test * 100))  # unfitted: nothing flagged
     novelty.fit(train, validation)
     in_distribution = sum(f.flagged for f in novelty.flags(test)) / len(test)
@@ -61,6 +61,21 @@ def test_novelty_accepts_95_percent_and_flags_a_shift():
     assert sum(f.flagged for f in shifted) / len(test) > 0.99
     noisier = novelty(test * 1.5).mean()
     assert noisier > novelty(test).mean() * 1.3  # more noise, higher score
+
+
+def test_novelty_statistics_travel_in_a_state_dict():
+    """Fitted, its statistics are sized by the features; a fresh one loads them (a bundle)."""
+    gen = torch.Generator().manual_seed(4)
+    train, validation = torch.randn(500, 24, generator=gen), torch.randn(200, 24, generator=gen)
+    train[:, 5] = 1.0  # a dead unit: constant in training, it must not divide by zero
+    fitted = Novelty()
+    fitted.fit(train, validation[:, :24])
+    loaded = Novelty()
+    loaded.load_state_dict(fitted.state_dict())
+    probe = torch.randn(7, 24, generator=gen)
+    assert torch.isfinite(fitted(probe)).all()
+    torch.testing.assert_close(loaded(probe), fitted(probe))
+    assert float(loaded.threshold) == float(fitted.threshold)
 
 
 def test_served_scores_are_divided_by_the_task_temperature():

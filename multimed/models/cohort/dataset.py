@@ -31,6 +31,15 @@ class TaskData:
     target: Tensor
 
 
+@dataclass(frozen=True)
+class Split:
+    """Item indices for training, validation (calibration, OOD thresholds) and test."""
+
+    train: Tensor
+    validation: Tensor
+    test: Tensor
+
+
 @dataclass
 class CohortTensors:
     inputs: dict[str, Batch]  # source key -> batch over all N patients

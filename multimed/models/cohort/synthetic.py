@@ -5,7 +5,13 @@ Planted signal (see each renderer): X-ray, CT and MRI each show the disease patt
 probability P_SHOW, so fusing them beats any one; the VQA answer needs the question (its type)
 and the image (the lesion); expression depends on DNA motifs and on the cell type seen in scRNA;
 protein structure is drawn first and the sequence from it. Cell-type expression comes from the
-real PBMC data bundled with scanpy (pbmc68k_reduced), read with anndata.
+real PBMC data bundled with scanpy (pbmc68k_reduced), read with anndata: from its training cells
+only (`pbmc_split`), so that its held-out cells stay unseen.
+
+No task is perfect by construction: tumour types and cell types are annotated wrongly at times
+(P_LABEL), tumour locations overlap, and a synthetic cell is drawn around one real cell's profile,
+at a real cell's depth. The latent state keeps what each renderer drew (`ceilings.py` reads it to
+give the accuracy the generator allows).
 
 Image layout (64x64, shared by X-ray, CT and MRI so one map serves all): rows 0-13 bone-age bars
 (X-ray), rows 14-47 disease pattern (centre columns) and VQA ring (left or right third), rows
@@ -15,7 +21,6 @@ Image layout (64x64, shared by X-ray, CT and MRI so one map serves all): rows 0-
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +36,7 @@ from multimed.models.catalog import (
     VQA_ANSWERS,
 )
 from multimed.models.codecs.types import EEGRecord, GeneCounts
+from multimed.models.cohort.packaged import packaged
 from multimed.models.outputs import output_of
 
 SIDE, DEPTH = 64, 16  # image side, volume slices
@@ -45,7 +51,13 @@ MOTIFS = ("TATAAA", "CACGTG", "GGGCGG", "TGACTC", "GATAAG", "CCAATC", "AGGTCA", 
 P_SHOW = 0.6  # an imaging modality shows the true disease pattern, else a random class's
 P_SYMPTOM = 0.5  # the note names the true disease's symptom, else a random class's
 P_FINDING = 0.25
+BAR_NOISE = 0.7  # bone-age bar length's sd (pixels; 0.5 px a year)
 CONTEXT_WEIGHT = 0.6  # cell type's share of expression; DNA motifs add 0 or 1 per panel gene
+EXPRESSION_NOISE = 0.3  # the sd of what neither DNA nor cell type explains
+P_LABEL = 0.9  # a tumour's or a cell's annotation names its true type, else a random type
+P_OCT_VISIBLE = 0.9  # a retinal lesion shows on the OCT, else the scan looks normal
+# The real cells' split: fixed, since the synthetic cells are drawn from the training part.
+PBMC_TEST_FRACTION, PBMC_VALIDATION_FRACTION = 0.2, 0.15
 VQA_MODALITIES = ("xray", "ct", "mri", "pathology")
 
 _LABELS = {tid: spec.labels for tid, spec in CATALOG.tasks.items()}
@@ -53,7 +65,7 @@ DISEASES = _LABELS["disease_classification"]
 TUMOURS = _LABELS["brain_tumor_classification"]
 FINDINGS = _LABELS["radiographic_findings_classification"]
 AGE_BANDS = _LABELS["bone_age_classification"]
-DR_GRADES = _LABELS["diabetic_retinopathy_classification"]
+RETINA = _LABELS["diabetic_retinopathy_classification"]  # OCT2017's: normal, drusen, DME, CNV
 MOTOR = _LABELS["motor_imagery_classification"]
 STRUCTURE = _LABELS["protein_structure_prediction"]  # ("H", "E", "C")
 assert len(MOTIFS) == len(EXPRESSION_PANEL)
@@ -92,14 +104,12 @@ class Patient:
 
 
 def pbmc68k_path() -> Path:
-    """scanpy's bundled pbmc68k_reduced file, found without importing scanpy (slow)."""
-    spec = importlib.util.find_spec("scanpy")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the synthetic cohort needs scanpy's bundled pbmc68k_reduced data: "
-            "pip install 'multimed-serve[train]'"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "datasets/10x_pbmc68k_reduced.h5ad"
+    """scanpy's bundled pbmc68k_reduced file."""
+    return packaged(
+        "scanpy",
+        "datasets/10x_pbmc68k_reduced.h5ad",
+        "the synthetic cohort needs the real pbmc68k_reduced cells it ships",
+    )
 
 
 @functools.cache
@@ -130,14 +140,42 @@ def load_pbmc68k() -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _cell_model() -> tuple[np.ndarray, np.ndarray]:
-    """Per cell type: normalised mean profile [10, 765], z-scored log panel expression [10, 8]."""
+def pbmc_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the real cells for training, validation and test. Fixed (not the training
+    seed's): the generator draws synthetic cells from the training cells alone."""
+    n = len(_pbmc()[1])
+    order = np.random.default_rng(0).permutation(n)
+    n_test, n_val = round(n * PBMC_TEST_FRACTION), round(n * PBMC_VALIDATION_FRACTION)
+    return (
+        np.sort(order[n_test + n_val :]),
+        np.sort(order[n_test : n_test + n_val]),
+        np.sort(order[:n_test]),
+    )
+
+
+@dataclass(frozen=True)
+class CellModel:
+    """What synthetic cells are drawn from, from the real training cells only."""
+
+    profiles: list[np.ndarray]  # per cell type: its training cells' normalised profiles [n_k, G]
+    means: np.ndarray  # [10, G] each type's normalised mean profile
+    depths: np.ndarray  # the training cells' total counts (sequencing depth)
+    context: np.ndarray  # [10, 8] z-scored log panel expression per type
+
+
+@functools.cache
+def _cell_model() -> CellModel:
     counts, labels = _pbmc()
+    train = pbmc_split()[0]
+    counts, labels = counts[train], labels[train]
+    profiles = [counts[labels == k] / counts[labels == k].sum(1, keepdims=True) for k in
+                range(len(CELL_TYPES))]  # fmt: skip
     means = np.stack([counts[labels == k].mean(0) for k in range(len(CELL_TYPES))])
-    profiles = means / means.sum(1, keepdims=True)
     panel = np.log1p(means[:, [PBMC_GENES.index(g) for g in EXPRESSION_PANEL]])
     context = (panel - panel.mean(0)) / panel.std(0)
-    return profiles, context.astype(np.float32)
+    return CellModel(
+        profiles, means / means.sum(1, keepdims=True), counts.sum(1), context.astype(np.float32)
+    )
 
 
 # --- image primitives (float32, 64x64 unless noted) ---
@@ -230,15 +268,15 @@ def _latent(rng) -> dict:
             m: disease if rng.random() < P_SHOW else int(rng.integers(n_dis)) for m in IMAGING
         },
         "symptom": disease if rng.random() < P_SYMPTOM else int(rng.integers(n_dis)),
-        "tumour": int(rng.integers(len(TUMOURS))),
+        "tumour": (tumour := int(rng.integers(len(TUMOURS)))),
         "malignant": (malignant := int(rng.integers(2))),
         # the tile looks like its class 90% of the time: caps breast-cancer accuracy near 0.9
         "malignant_shown": malignant if rng.random() < 0.9 else 1 - malignant,
         "findings": [int(v) for v in rng.random(len(FINDINGS)) < P_FINDING],
         "age_years": float(rng.uniform(0, 5 * len(AGE_BANDS))),
-        "dr_grade": int(rng.integers(len(DR_GRADES))),
+        "retina": (retina := int(rng.integers(len(RETINA)))),
         "motor": int(rng.integers(len(MOTOR))),
-        "cell_type": int(rng.integers(len(CELL_TYPES))),  # uniform, so every class is present
+        "cell_type": (cell := int(rng.integers(len(CELL_TYPES)))),  # uniform: every class present
         "motifs": [int(v) for v in rng.random(len(MOTIFS)) < 0.5],
         "vqa_modality": VQA_MODALITIES[int(rng.integers(len(VQA_MODALITIES)))],
         "question_type": qtype,
@@ -250,6 +288,10 @@ def _latent(rng) -> dict:
             "x": float((50.0 if right else 14.0) + rng.uniform(-2, 2)),
             "radius": float((7.0 if large else 3.0) + rng.uniform(-0.4, 0.4)),
         },
+        # label noise: what the annotation says
+        "tumour_label": tumour if rng.random() < P_LABEL else int(rng.integers(len(TUMOURS))),
+        "cell_label": cell if rng.random() < P_LABEL else int(rng.integers(len(CELL_TYPES))),
+        "oct_visible": retina == 0 or bool(rng.random() < P_OCT_VISIBLE),
     }
 
 
@@ -275,7 +317,7 @@ def _question(rng, z: dict) -> str:
 def _xray(rng, z: dict) -> np.ndarray:
     img = 0.12 + 0.2 * _BODY + 0.05 * _smooth(rng)
     # bone age: five vertical bars from row 2, length growing with age (+noise)
-    length = 3 + 0.5 * z["age_years"] + rng.normal(0, 0.7)
+    z["bar_length"] = length = 3 + 0.5 * z["age_years"] + rng.normal(0, BAR_NOISE)
     rows = np.clip(length + 2 - _AX, 0, 1) * (_AX >= 2)
     img += 0.45 * np.outer(rows, _g1(np.arange(8, 64, 12), 1.3).sum(0))
     shown = DISEASES[z["disease_shown"]["xray"]]
@@ -284,6 +326,7 @@ def _xray(rng, z: dict) -> np.ndarray:
     on = np.array(z["findings"], bool)
     amp = np.where(on, rng.uniform(0.12, 0.45, on.size), rng.uniform(0.03, 0.18, on.size))
     amp *= on | (rng.random(on.size) < 0.3)
+    z["finding_amplitudes"] = amp
     jy, jx = rng.uniform(-2.5, 2.5, (2, on.size))
     img += _blobs(56 + jy, 8 + 12 * np.arange(on.size) + jx, 1.5, amp=amp)
     img += 0.35 * _vqa_lesion(z) + rng.normal(0, 0.04, img.shape)
@@ -303,15 +346,17 @@ def _ct(rng, z: dict) -> np.ndarray:
 def _tumour_map(name: str, rng) -> np.ndarray:
     """Tumour type by radial position: glioma inner irregular, meningioma at the rim,
     pituitary small midline-low; distinct from the disease patterns (other slices)."""
+    # Their ranges overlap: a deep meningioma sits where a peripheral glioma can, and a glioma
+    # near the midline low where the pituitary is.
     if name == "glioma":
-        r, a = rng.uniform(0, 11), rng.uniform(0, 2 * np.pi)
+        r, a = rng.uniform(0, 19), rng.uniform(0, 2 * np.pi)
         cy, cx = 31.5 + r * np.array([np.sin(a), np.cos(a)])[:, None] + rng.normal(0, 2, (2, 3))
         return _blobs(cy, cx, rng.uniform(1.5, 3.5, 3), rng.uniform(1.5, 3.5, 3), amp=0.8)
     if name == "meningioma":
-        a = rng.uniform(0, 2 * np.pi)
-        return _blobs(31.5 + 24 * np.sin(a), 31.5 + 24 * np.cos(a), 3.0)
+        r, a = rng.uniform(16, 25), rng.uniform(0, 2 * np.pi)
+        return _blobs(31.5 + r * np.sin(a), 31.5 + r * np.cos(a), rng.uniform(2.0, 4.0))
     if name == "pituitary":
-        return _blobs(47 + rng.normal(0, 1), 31.5 + rng.normal(0, 1), 2.2)
+        return _blobs(45 + rng.normal(0, 2.5), 31.5 + rng.normal(0, 2.5), rng.uniform(1.6, 3.0))
     return np.zeros((SIDE, SIDE), np.float32)  # no_tumor
 
 
@@ -322,23 +367,37 @@ def _mri(rng, z: dict) -> np.ndarray:
     shown = DISEASES[z["disease_shown"]["mri"]]
     vol[:8] += 300 * rng.uniform(0.7, 1.3) * _disease_map(shown, rng) * _slab(0, 7)[:8]
     tumour = _tumour_map(TUMOURS[z["tumour"]], rng)
-    vol[8:] += 350 * rng.uniform(0.5, 1.2) * tumour * _slab(8, 15)[8:]
+    vol[8:] += 350 * rng.uniform(0.3, 1.2) * tumour * _slab(8, 15)[8:]
     vol[4:12] += 320 * _vqa_lesion(z)
     return np.clip(vol, 0, 1000, dtype=np.float32)
 
 
 def _oct(rng, z: dict) -> np.ndarray:
-    # retina: a curved layered band below a dark vitreous; lesion spots count ~ 3 x grade
+    """A retinal B-scan: a curved layered band (the retina) over a dark vitreous, with OCT2017's
+    lesions: drusen are bumps at the band's floor (the RPE), DME thickens the band and opens dark
+    cysts in it, CNV is a bright irregular mass under it with dark fluid above. One scan in ten
+    of a diseased eye shows nothing (P_OCT_VISIBLE), and lesion sizes vary."""
     top = 18 + 4 * np.sin(_AX / 64 * 2.5 + rng.uniform(0, np.pi)) + _UP @ rng.normal(0, 1, 8)
+    kind = RETINA[z["retina"]] if z["oct_visible"] else "normal"
+    thick = 22 + rng.normal(0, 1.0) + (rng.uniform(4, 9) if kind == "dme" else 0)
     rel = _Y - top[None, :]
-    band = (rel >= 0) & (rel <= 24)
+    band = (rel >= 0) & (rel <= thick)
     img = np.where(band, 0.4 + 0.15 * np.cos(rel * 2 * np.pi / 8), 0.05)
-    n = max(0, round(3 * z["dr_grade"] + rng.normal(0, 0.8)))
-    if n:
-        x = rng.uniform(4, 60, n)
-        y = top[np.clip(x.astype(int), 0, SIDE - 1)] + rng.uniform(4, 20, n)
-        amp = np.where(rng.random(n) < 0.8, 0.5, -0.3)  # exudates bright, haemorrhages dark
-        img = img + _blobs(y, x, 1.5, amp=amp)
+    floor = top + thick  # the RPE, per column
+    if kind == "drusen":
+        n = int(rng.integers(2, 7))
+        x = rng.uniform(6, 58, n)
+        img = img + _blobs(floor[x.astype(int)] - 1.0, x, rng.uniform(1.2, 2.2, n), amp=0.45)
+    elif kind == "dme":
+        n = int(rng.integers(2, 6))
+        x = rng.uniform(14, 50, n)
+        y = top[x.astype(int)] + rng.uniform(0.3, 0.7, n) * thick
+        img = img - _blobs(y, x, rng.uniform(1.3, 2.6, n), amp=0.35)
+    elif kind == "cnv":
+        x = rng.uniform(20, 44)
+        y = floor[int(x)] + 1.5
+        img = img + _blobs(y + rng.normal(0, 1, 3), x + rng.normal(0, 3, 3), 2.0, 3.5, amp=0.5)
+        img = img - _blobs(y - 5, x, 2.5, 5.0, amp=0.3)
     img = img * rng.gamma(16, 1 / 16, img.shape) + rng.normal(0, 0.02, img.shape)  # speckle
     return np.clip(img, 0, 1, dtype=np.float32)[None]
 
@@ -415,9 +474,14 @@ def _dna(rng, z: dict) -> str:
 
 
 def _scrna(rng, z: dict):
-    profiles, _ = _cell_model()
-    library = rng.uniform(2000, 5000)
-    rate = library * profiles[z["cell_type"]] * rng.gamma(4, 1 / 4, len(PBMC_GENES))
+    """A cell around one real training cell of its type (half its own profile, half its type's
+    mean), sequenced at a real cell's depth: cells vary within a type and types overlap as the
+    real ones do."""
+    cells = _cell_model()
+    own = cells.profiles[z["cell_type"]]
+    profile = 0.5 * own[rng.integers(len(own))] + 0.5 * cells.means[z["cell_type"]]
+    depth = cells.depths[rng.integers(len(cells.depths))]
+    rate = depth * profile * rng.gamma(4, 1 / 4, len(PBMC_GENES))
     return GeneCounts(rng.poisson(rate).astype(np.float32))
 
 
@@ -481,25 +545,20 @@ def generate_patient(index: int, seed: int = 0) -> Patient:
     z = _latent(streams[_LATENT])
     inputs = {m: render(streams[k], z) for m, (k, render) in _RENDERERS.items()}
     z["motifs"] = [int(m in inputs["genomics"]) for m in MOTIFS]  # count chance occurrences too
-    _, context = _cell_model()
-    expression = (
-        np.array(z["motifs"])
-        + CONTEXT_WEIGHT * context[z["cell_type"]]
-        + streams[_SEQUENCE].normal(0, 0.3, 8)
-    )
+    expression = expected_expression(z) + streams[_SEQUENCE].normal(0, EXPRESSION_NOISE, 8)
     les, qtype = z["vqa_lesion"], z["question_type"]
     answer = (
         ("yes" if les["present"] else "no", les["side"], "large" if les["large"] else "small")
     )[qtype]
     labels = {
         "disease_classification": z["disease"],
-        "brain_tumor_classification": z["tumour"],
+        "brain_tumor_classification": z["tumour_label"],
         "breast_cancer_classification": z["malignant"],
         "radiographic_findings_classification": list(z["findings"]),
         "bone_age_classification": min(int(z["age_years"] // 5), len(AGE_BANDS) - 1),
-        "diabetic_retinopathy_classification": z["dr_grade"],
+        "diabetic_retinopathy_classification": z["retina"],
         "motor_imagery_classification": z["motor"],
-        "cell_type_classification": z["cell_type"],
+        "cell_type_classification": z["cell_label"],
         "expression_prediction": expression.astype(np.float32),
         "protein_structure_prediction": z["structure"],
         "medical_vqa": VQA_ANSWERS.index(answer),
@@ -513,6 +572,11 @@ def generate_patient(index: int, seed: int = 0) -> Patient:
         labels=labels,
         latent=z,
     )
+
+
+def expected_expression(z: dict) -> np.ndarray:
+    """The panel's expression that DNA motifs and the cell type explain (the rest is noise)."""
+    return np.array(z["motifs"]) + CONTEXT_WEIGHT * _cell_model().context[z["cell_type"]]
 
 
 def generate_cohort(n: int, seed: int = 0) -> list[Patient]:

@@ -30,6 +30,11 @@ class EncoderOutput:
     pooled: Tensor  # [B, D]
     tokens: Tensor | None = None  # [B, L, D] for modalities that emit per-token embeddings
     token_mask: Tensor | None = None  # [B, L] bool, True at real (non-padding) tokens
+    # [B, K]: what the out-of-distribution score reads besides `pooled` (trust.Novelty), e.g.
+    # each conv stage's activation statistics. Training pulls the embedding toward what the
+    # tasks need, so an input unlike any training input can still land among them (pydicom's
+    # real MR did); the statistics of earlier layers keep what the embedding discards.
+    descriptor: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,7 @@ class ModalityPipeline(ABC):
             out.pooled.float(),
             None if out.tokens is None else out.tokens.float(),
             out.token_mask,
+            out.descriptor.float(),
         )
 
     def featurise(self, batch: Batch) -> Batch:
@@ -205,11 +211,25 @@ class ModalityPipeline(ABC):
                 keep = out.token_mask[i]
                 tokens = out.tokens[i][keep].unsqueeze(0)
                 mask = keep[keep].unsqueeze(0)
-            items.append(EncoderOutput(out.pooled[i : i + 1], tokens, mask))
+            items.append(
+                EncoderOutput(out.pooled[i : i + 1], tokens, mask, out.descriptor[i : i + 1])
+            )
         return items
 
 
 # --- helpers shared by several pipelines ---
+
+
+def channel_stats(activation: Tensor) -> Tensor:
+    """[B, C, ...] -> [B, 2C]: each channel's mean and standard deviation over the rest (an
+    encoder's descriptor: the statistics of a stage, as batch norm sees them)."""
+    flat = activation.flatten(2)
+    return torch.cat([flat.mean(-1), flat.std(-1)], 1)
+
+
+def stages_descriptor(stats: list[Tensor]) -> Tensor | None:
+    """Each stage's `channel_stats` side by side; None in training, which does not take them."""
+    return torch.cat(stats, 1) if stats else None
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -20,7 +20,9 @@ from multimed.models.modalities.base import (
     ModalityPipeline,
     TensorSpec,
     as_float_array,
+    channel_stats,
     check_finite,
+    stages_descriptor,
     width,
 )
 
@@ -66,8 +68,12 @@ class EEGNet(nn.Module):
         self.proj = nn.Linear(f2, embed_dim)
 
     def forward(self, batch: Batch) -> EncoderOutput:
-        h = self.net(batch["signal"].unsqueeze(1))  # [B, F2, 1, T / 32]
-        return EncoderOutput(self.proj(h.mean(dim=(2, 3))))
+        h, stats = batch["signal"].unsqueeze(1), []
+        for layer in self.net:
+            h = layer(h)  # ends [B, F2, 1, T / 32]
+            if isinstance(layer, nn.ELU) and not self.training:  # a block's end; unused in training
+                stats.append(channel_stats(h))
+        return EncoderOutput(self.proj(h.mean(dim=(2, 3))), descriptor=stages_descriptor(stats))
 
 
 class EEGPipeline(ModalityPipeline):

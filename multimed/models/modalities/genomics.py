@@ -46,7 +46,9 @@ class GenomicsEncoder(nn.Module):
         # The sequence summary is whether each first-layer motif detector fired anywhere
         # (DeepBind-style max pooling); pooling the deeper layer instead memorises sequences.
         peak = motifs.masked_fill(keep == 0, float("-inf")).amax(-1)
-        return EncoderOutput(self.pool_proj(peak), self.token_proj(context.transpose(1, 2)), mask)
+        return EncoderOutput(
+            self.pool_proj(peak), self.token_proj(context.transpose(1, 2)), mask, descriptor=peak
+        )
 
 
 class GenomicsPipeline(SequencePipeline):

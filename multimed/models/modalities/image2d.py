@@ -22,6 +22,8 @@ from multimed.models.modalities.base import (
     ModalityPipeline,
     TensorSpec,
     as_float_array,
+    channel_stats,
+    stages_descriptor,
 )
 
 MIN_SIDE = 8
@@ -52,11 +54,19 @@ class ConvEncoder(nn.Module):
                 nn.ReLU(inplace=True),
             ]
             in_channels = out_channels
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(GRID), nn.Flatten())
+        self.body = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(GRID), nn.Flatten())
         self.proj = nn.Linear(in_channels * GRID * GRID, embed_dim)
 
     def forward(self, batch: Batch) -> EncoderOutput:
-        return EncoderOutput(pooled=self.proj(self.body(batch[self.key])))
+        x, stats = batch[self.key], []
+        for layer in self.body:
+            x = layer(x)
+            if (
+                isinstance(layer, nn.ReLU) and not self.training
+            ):  # a block's end; unused in training
+                stats.append(channel_stats(x))
+        return EncoderOutput(self.proj(self.pool(x)), descriptor=stages_descriptor(stats))
 
 
 class Image2DSettings(Frozen):

@@ -57,7 +57,7 @@ class ProteinEncoder(nn.Module):
         x = x + F.gelu(self.local(x.transpose(1, 2))).transpose(1, 2) * keep
         h = self.transformer(x, src_key_padding_mask=~mask)
         mean = (h * keep).sum(1) / keep.sum(1).clamp(min=1)
-        return EncoderOutput(self.pool_proj(mean), self.token_proj(h), mask)
+        return EncoderOutput(self.pool_proj(mean), self.token_proj(h), mask, descriptor=mean)
 
 
 class ProteinPipeline(SequencePipeline):

@@ -48,7 +48,9 @@ class ScrnaEncoder(nn.Module):
         )
 
     def forward(self, batch: Batch) -> EncoderOutput:
-        return EncoderOutput(self.mlp(batch["expression"]))
+        # The first layer before its norm keeps how much a profile expresses, not only its shape.
+        first = self.mlp[0](batch["expression"])
+        return EncoderOutput(self.mlp[1:](first), descriptor=first)
 
 
 class ScrnaPipeline(ModalityPipeline):

@@ -44,7 +44,8 @@ class TextHead(nn.Module):
         )
 
     def forward(self, batch: Batch) -> EncoderOutput:
-        return EncoderOutput(self.mlp(batch["features"]))
+        # The frozen backbone's sentence embedding knows far more language than the cohort's.
+        return EncoderOutput(self.mlp(batch["features"]), descriptor=batch["features"])
 
 
 class TextPipeline(ModalityPipeline):

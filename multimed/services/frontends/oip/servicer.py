@@ -172,8 +172,9 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             if isinstance(result, Exception):
                 raise decoded.located(result, b)
         arrays = {"embedding": np.stack([e.pooled for e in results])}
-        if len(model.outputs) > 1:
+        if any(o.name == "tokens" for o in model.outputs):
             arrays["tokens"] = pad_stack([e.tokens for e in results], 0.0)
+        arrays["descriptor"] = np.stack([e.descriptor for e in results])
         return arrays
 
 
