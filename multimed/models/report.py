@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,19 +24,19 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from multimed.models.catalog import CATALOG
+from multimed.models.catalog import CATALOG, InputForm
 from multimed.models.cohort.ceilings import ceiling
 from multimed.models.cohort.dataset import CohortTensors, Split, TaskData
 from multimed.models.config import Frozen, ModelConfig
+from multimed.models.errors import InputError
 from multimed.models.evaluate import BOOTSTRAP, metric_or_nan, novelty_inputs, scored
+from multimed.models.inputs import RawInput
 from multimed.models.modalities.registry import build_pipelines
 from multimed.models.model import Model
 from multimed.models.outputs import output_of
 from multimed.models.report_writer import write_report
 from multimed.models.train import Prepared, TrainSettings, fit, prepare, seeded_model
-from multimed.models.trust import ECE_BINS, novelty_input
-
-log = logging.getLogger(__name__)
+from multimed.models.trust import novelty_input, reliability_bins
 
 DISEASE, VQA = "disease_classification", "medical_vqa"
 VQA_IMAGES = ("xray", "ct", "mri", "pathology")
@@ -108,9 +105,7 @@ def summarise(runs: Sequence[Scored], against: Sequence[Scored] | None = None) -
     values averaged per resample. With `against` (the same items, another model), the paired
     difference runs - against instead."""
     gen = torch.Generator().manual_seed(0)
-    point = np.mean(
-        [r.value() - (against[i].value() if against else 0) for i, r in enumerate(runs)]
-    )
+    seeds = [r.value() - (against[i].value() if against else 0) for i, r in enumerate(runs)]
     draws = []
     for _ in range(BOOTSTRAP):
         values = []
@@ -120,13 +115,10 @@ def summarise(runs: Sequence[Scored], against: Sequence[Scored] | None = None) -
         if np.isfinite(values).all():  # an AUROC resample without a label's positives: skip
             draws.append(np.mean(values))
     lo, hi = np.percentile(draws, [2.5, 97.5])
-    seeds = [
-        round(r.value() - (against[i].value() if against else 0), 4) for i, r in enumerate(runs)
-    ]
     return {
-        "mean": round(float(point), 4),
+        "mean": round(float(np.mean(seeds)), 4),
         "interval": [round(lo, 4), round(hi, 4)],
-        "seeds": seeds,
+        "seeds": [round(v, 4) for v in seeds],
     }
 
 
@@ -152,37 +144,26 @@ def reliability(model: Model, prep: Prepared) -> dict:
         temperature = float(model.task_models.tasks[t].temperature)
         out[t] = {}
         for name, logits in (("before", raw.raw), ("after", raw.raw / temperature)):
-            probability, outcome = output.events(logits, raw.target)
-            bins = torch.clamp((probability * ECE_BINS).long(), max=ECE_BINS - 1)
-            out[t][name] = [
-                (
-                    float(probability[bins == b].mean()),
-                    float(outcome[bins == b].mean()),
-                    int((bins == b).sum()),
-                )
-                for b in range(ECE_BINS)
-                if (bins == b).any()
-            ]
+            out[t][name] = reliability_bins(*output.events(logits, raw.target))
     return out
 
 
 def real_scan_scores(model: Model) -> list[dict]:
+    """Each of REAL_SCANS sent as a one-file series, as a PACS would: its score and flag."""
     from pydicom.data import get_testdata_file
-
-    from multimed.client.files import read_input
-    from multimed.models.errors import InputError
 
     rows = []
     for modality, names in REAL_SCANS.items():
         pipeline, novelty = model.pipelines[modality], model.task_models.novelty[modality]
         for name in names:
-            with tempfile.TemporaryDirectory() as folder:
-                shutil.copy(get_testdata_file(name), Path(folder) / name)
-                try:
-                    batch = pipeline.collate([pipeline.prepare(read_input(modality, Path(folder)))])
-                except InputError as error:
-                    rows.append({"modality": modality, "file": name, "refused": str(error)})
-                    continue
+            # download=False: these ship inside pydicom; nothing is fetched at run time
+            data = Path(get_testdata_file(name, download=False)).read_bytes()
+            series = RawInput(modality, InputForm.DICOM_SERIES, [data])
+            try:
+                batch = pipeline.collate([pipeline.prepare(series)])
+            except InputError as error:
+                rows.append({"modality": modality, "file": name, "refused": str(error)})
+                continue
             [flag] = novelty.flags(_novelty_batch(model, modality, batch))
             rows.append(
                 {

@@ -37,18 +37,25 @@ def calibration(output: Output, raw: Tensor, target: Tensor) -> dict[str, float]
     """ECE (15 equal-width bins), Brier score and NLL of one task's outputs. The kind names its
     events: the top label for single-label and per-token kinds, each label for multi-label."""
     probability, outcome = output.events(raw, target)
-    bins = torch.clamp((probability * ECE_BINS).long(), max=ECE_BINS - 1)
-    ece = 0.0
-    for b in range(ECE_BINS):
-        inside = bins == b
-        if inside.any():
-            gap = probability[inside].mean() - outcome[inside].mean()
-            ece += float(inside.float().mean() * gap.abs())
+    ece = sum(
+        n / len(probability) * abs(p - o) for p, o, n in reliability_bins(probability, outcome)
+    )
     return {
         "ece": round(ece, 4),
         "brier": round(float(((probability - outcome) ** 2).mean()), 4),
         "nll": round(float(output.loss(raw, target)), 4),
     }
+
+
+def reliability_bins(probability: Tensor, outcome: Tensor) -> list[tuple[float, float, int]]:
+    """Per equal-width confidence bin that holds events: their mean probability, how often they
+    happened, and how many there are (a reliability diagram's points; ECE weighs their gaps)."""
+    bins = torch.clamp((probability * ECE_BINS).long(), max=ECE_BINS - 1)
+    return [
+        (float(probability[inside].mean()), float(outcome[inside].mean()), int(inside.sum()))
+        for b in range(ECE_BINS)
+        if (inside := bins == b).any()
+    ]
 
 
 @dataclass(frozen=True)
