@@ -71,8 +71,8 @@ HELD_OUT_MIN_CELLS = 30  # cell types with fewer real cells give too few positiv
 
 class ReportSettings(Frozen):
     seed: int = 2026  # the headline cohort: fresh (development used seed 0)
-    patients: int = Field(1500, ge=20)
-    epochs: int = Field(12, ge=1)
+    patients: int = Field(TrainSettings().patients, ge=20)  # the headline: the default training's
+    epochs: int = Field(TrainSettings().epochs, ge=1)
     # The comparisons: every model on the same cohort, split, epochs and batches, per seed.
     seeds: tuple[int, ...] = (11, 12, 13)
     comparison_patients: int = Field(1000, ge=20)

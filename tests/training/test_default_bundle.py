@@ -1,5 +1,5 @@
 """The default bundle, trained as `make run` trains it, answers the benchmark's questions.
-Slow (~4 min): one training run shared by every assertion here."""
+Slow (~5 min): one training run shared by every assertion here."""
 
 import pytest
 

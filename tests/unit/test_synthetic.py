@@ -145,7 +145,7 @@ def test_synthetic_cells_come_from_the_real_training_cells_only():
 
 
 def test_annotations_are_noisy_and_cells_vary_within_a_type(cohort):
-    """Nothing is perfect by construction: about 1 in 11 tumour and cell labels is wrong, and two
+    """Nothing is perfect by construction: about 1 in 12 tumour and cell labels is wrong, and two
     cells of one type are less alike than Poisson draws from one profile would be."""
     for true, label in (("tumour", "tumour_label"), ("cell_type", "cell_label")):
         wrong = np.mean([p.latent[true] != p.latent[label] for p in cohort])
