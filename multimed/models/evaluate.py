@@ -101,6 +101,7 @@ def interval(output: Output, raw: Tensor, target: Tensor, seed: int = 0) -> list
 
 
 def metric_or_nan(output: Output, raw: Tensor, target: Tensor) -> float:
+    """The metric, or NaN where it is undefined (an AUROC without a label's positives)."""
     with warnings.catch_warnings():  # scikit-learn warns, then gives NaN, or raises: both skip
         warnings.simplefilter("ignore")
         try:
@@ -168,6 +169,8 @@ def evaluate(
 def _row(name: str, r: dict) -> str:
     lo, hi = r["interval"]
     ceiling = "" if r.get("ceiling") is None else f"{r['ceiling']:8.3f}"
+    if "logistic_regression" in r:  # real data: the same split's logistic regression instead
+        ceiling = f"  LR {r['logistic_regression']:.3f}"
     return (
         f"{name:44s} {r['metric']:18s} {r['value']:6.3f} [{lo:.3f}, {hi:.3f}]"
         f" {r['baseline']:8.3f} {ceiling}"

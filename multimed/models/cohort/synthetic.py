@@ -168,9 +168,9 @@ def _cell_model() -> CellModel:
     counts, labels = _pbmc()
     train = pbmc_split()[0]
     counts, labels = counts[train], labels[train]
-    profiles = [counts[labels == k] / counts[labels == k].sum(1, keepdims=True) for k in
-                range(len(CELL_TYPES))]  # fmt: skip
-    means = np.stack([counts[labels == k].mean(0) for k in range(len(CELL_TYPES))])
+    by_type = [counts[labels == k] for k in range(len(CELL_TYPES))]
+    profiles = [cells / cells.sum(1, keepdims=True) for cells in by_type]
+    means = np.stack([cells.mean(0) for cells in by_type])
     panel = np.log1p(means[:, [PBMC_GENES.index(g) for g in EXPRESSION_PANEL]])
     context = (panel - panel.mean(0)) / panel.std(0)
     return CellModel(
