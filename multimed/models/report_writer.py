@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 FIGURES = ("reliability.png", "modality_matrix.png", "xray_noise.png")
+MIN_BIN_EVENTS = 10  # reliability diagrams draw the confidence bins with at least this many
 
 
 def _ci(row: dict) -> str:
@@ -202,14 +203,16 @@ def _figures(out: Path, results: dict) -> None:
     for ax, (task, sides) in zip(axes.flat, diagrams.items(), strict=False):
         ax.plot([0, 1], [0, 1], color="0.7", lw=1)
         for side, colour in (("before", "tab:red"), ("after", "tab:blue")):
-            points = np.array(sides[side])
+            # A bin of a few test items is noise: drawn, it hides the curve (results.json has all).
+            points = np.array([p for p in sides[side] if p[2] >= MIN_BIN_EVENTS]).reshape(-1, 3)
             ax.plot(points[:, 0], points[:, 1], "o-", color=colour, ms=3, lw=1, label=side)
         ax.set_title(task.replace("_classification", "").replace("_", " "), fontsize=9)
         ax.set_xlim(0, 1), ax.set_ylim(0, 1)
     for ax in list(axes.flat)[len(diagrams) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.supxlabel("confidence"), fig.supylabel("accuracy")
+    fig.supxlabel(f"confidence (bins of at least {MIN_BIN_EVENTS} test events)")
+    fig.supylabel("accuracy")
     fig.tight_layout()
     fig.savefig(out / "reliability.png", dpi=100)
     plt.close(fig)
