@@ -110,13 +110,15 @@ def _latent_class(key: str, n: int) -> Callable[[Sequence[Patient], set[str]], T
 
 
 def _vqa(patients: Sequence[Patient], modalities: set[str]) -> Tensor:
-    # The ring is drawn on every imaging modality at a visible amplitude: the answer shows.
-    answers = [VQA_ANSWERS.index(_answer(p)) for p in patients]
+    """The answer the lesion shows to the question asked (presence, side or size): the ring is
+    drawn on every imaging modality at a visible amplitude."""
+    answers = []
+    for patient in patients:
+        lesion, kind = patient.latent["vqa_lesion"], patient.latent["question_type"]
+        shown = ("yes" if lesion["present"] else "no", lesion["side"],
+                 "large" if lesion["large"] else "small")[kind]  # fmt: skip
+        answers.append(VQA_ANSWERS.index(shown))
     return _one_hot(answers, len(VQA_ANSWERS))
-
-
-def _answer(patient: Patient) -> str:
-    return CATALOG.task("medical_vqa").labels[patient.labels["medical_vqa"]]
 
 
 ORACLES: dict[str, Callable[[Sequence[Patient], set[str]], Tensor]] = {
