@@ -1,7 +1,13 @@
 """Admission: whether the data plane takes a new call or refuses it at once with
 RESOURCE_EXHAUSTED: items in flight against `max_in_flight`, then the queue ahead at the measured
 completion pace against the call's deadline. Refusing at once beats accepting a call to miss its
-deadline later."""
+deadline later.
+
+The queue and the pace are a lane's: calls that need the same encoders (the data plane's
+coalescers are keyed the same way). Calls waiting on an encoder that lost its replica are not
+a queue ahead of calls that need other encoders, and a stalled lane's pace is its own: with one
+global pace, 500 scRNA calls stuck for a replica lost with the head node, over X-ray's pace,
+refused scRNA calls a moment from recovery (CI, a head restart)."""
 
 from __future__ import annotations
 
@@ -47,18 +53,29 @@ class Pace:
         return now
 
 
+class Lane:
+    """One lane's items in flight and completion pace."""
+
+    def __init__(self):
+        self.in_flight = 0
+        self.pace = Pace()
+
+
 class Admission:
-    """The items in flight and the two refusals of the module docstring."""
+    """The items in flight (all lanes: `max_in_flight` bounds the server's memory) and the two
+    refusals of the module docstring."""
 
     def __init__(self, max_in_flight: int):
         self.max_in_flight = max_in_flight
         self.in_flight = 0
-        self.pace = Pace()
+        self.lanes: dict[tuple[str, ...], Lane] = {}
 
-    def admit(self, items: int, timeout_s: float) -> None:
+    def admit(self, items: int, timeout_s: float, lane: tuple[str, ...]) -> None:
         """Counts the call's items in (`release` counts them out, whatever happens); raises
-        Overloaded when it is refused."""
+        Overloaded when it is refused. `lane`: the encoders the call needs, sorted."""
+        own = self.lanes.setdefault(lane, Lane())
         self.in_flight += items
+        own.in_flight += items
         ahead = self.in_flight - items
         if items > self.max_in_flight:
             raise Overloaded(
@@ -70,15 +87,17 @@ class Admission:
                 f"server overloaded: {ahead} items in flight, limit {self.max_in_flight}; "
                 "retry with backoff"
             )
-        wait = self.pace.wait_s(ahead)
+        wait = own.pace.wait_s(own.in_flight - items)
         if wait > timeout_s * ADMIT_FRACTION:
             raise Overloaded(
                 f"server overloaded: the queue ahead takes ~{wait:.1f} s, past this call's "
                 f"{timeout_s:.1f} s deadline; retry with backoff"
             )
 
-    def release(self, items: int, answered: bool) -> None:
+    def release(self, items: int, answered: bool, lane: tuple[str, ...]) -> None:
         """`answered`: it completed OK (only those set the pace)."""
+        own = self.lanes[lane]
         if answered:
-            self.pace.done(items)
+            own.pace.done(items)
+        own.in_flight -= items
         self.in_flight -= items

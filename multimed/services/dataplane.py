@@ -31,6 +31,11 @@ log = logging.getLogger("multimed.dataplane")
 ID_SAFE = "".join(c for c in string.printable if c not in "% " and c.isprintable())
 
 
+def lane(modalities: Iterable[str]) -> tuple[str, ...]:
+    """The encoders a call needs: its coalescer and its admission lane."""
+    return tuple(sorted(set(modalities) & CATALOG.modalities.keys()))
+
+
 @dataclass(frozen=True)
 class CallInfo:
     """What a front door knows about one call before doing any work."""
@@ -60,7 +65,7 @@ class DataPlane:
         self.admission = Admission(settings.max_in_flight)
 
     def _coalescer(self, call: PredictCall) -> Coalescer[PredictCall]:
-        key = tuple(sorted({r.modality for r in call.inputs} & CATALOG.modalities.keys()))
+        key = lane(r.modality for r in call.inputs)
         coalescer = self.coalescers.get(key)
         if coalescer is None:
             coalescer = self.coalescers[key] = Coalescer(
@@ -107,10 +112,12 @@ class DataPlane:
         after it is recorded."""
         started = time.perf_counter()
         label = task_label(task)
+        modalities = tuple(modalities)
+        needs = lane(modalities)
         status, message, result = Status.OK, "", None
         metrics.IN_FLIGHT.labels(call.method).inc(items)
         try:
-            self.admission.admit(items, call.timeout_s)
+            self.admission.admit(items, call.timeout_s, needs)
             deadline = time.time() + call.timeout_s
             result = await asyncio.wait_for(work(deadline), call.timeout_s)
         except asyncio.CancelledError:
@@ -123,7 +130,7 @@ class DataPlane:
                     "id=%s %s task=%s failed", loggable(call.request_id), call.method, label
                 )
         finally:
-            self.admission.release(items, status is Status.OK)
+            self.admission.release(items, status is Status.OK, needs)
             metrics.IN_FLIGHT.labels(call.method).dec(items)
             elapsed = time.perf_counter() - started
             metrics.REQUESTS.labels(call.method, label, status.name).inc()

@@ -35,6 +35,7 @@ from multimed.services.triton import encoder_signature
 
 log = logging.getLogger("multimed.replica")
 WATCH_S = 1.0  # how often encoder liveness is read from the Serve controller
+ASK_S = 2.0  # for the controller's answer; for an encoder's, while the controller is away
 DRAIN_S = 5.0  # grace for calls in flight at shutdown
 RUNNING = "RUNNING"  # Serve's ReplicaState is a str enum; its class is private
 
@@ -117,10 +118,10 @@ class RouterReplica(MemoryLimited):
         while True:
             await asyncio.sleep(WATCH_S)
             try:
-                running = await asyncio.to_thread(_running_replicas, app)
-            except Exception:  # the controller restarting: keep the last view
-                log.warning("Serve controller did not answer; encoder health unchanged")
-                continue
+                running = await asyncio.wait_for(_running_replicas(app), ASK_S)
+            except Exception:  # the controller down with the head node, or restarting
+                log.warning("Serve controller did not answer; asking each encoder")
+                running = await self._answering()
             for m in self.local:  # one in every router replica
                 running[encoder_deployment(m)] = 1
             live = frozenset(m for m in self.router.encoders if running.get(encoder_deployment(m)))
@@ -136,6 +137,23 @@ class RouterReplica(MemoryLimited):
                 m: running.get(encoder_deployment(m), 0) for m in self.router.encoders
             }
             await self.listener.set_readiness(Readiness(True, live))
+
+    async def _answering(self) -> dict[str, int]:
+        """Deployment -> replicas, while the controller cannot say: an encoder that answers an
+        empty call within ASK_S keeps its last count, one that does not counts 0. Without it,
+        an encoder whose one replica died with the head node stayed SERVING until the new
+        head's controller said otherwise (~30 s), and its calls queued to their deadline."""
+
+        async def answers(modality: str, handle) -> int:
+            try:
+                await asyncio.wait_for(handle.encode_many.remote([], []), ASK_S)
+            except Exception:
+                return 0
+            return self.router.replicas.get(modality) or 1
+
+        remote = {m: h for m, h in self.router.encoders.items() if m not in self.local}
+        counts = await asyncio.gather(*(answers(m, h) for m, h in remote.items()))
+        return {encoder_deployment(m): n for m, n in zip(remote, counts, strict=True)}
 
     def serving(self) -> bool:
         """Whether this replica's listener reports SERVING (`multimed serve` waits on it); a
@@ -164,11 +182,13 @@ def local_encoder(modality: str, loaded, batch: BatchConfig, device: str) -> Loc
     return LocalEncoder(EncoderCore(modality, pipeline), batch.max_batch_size)
 
 
-def _running_replicas(app: str) -> dict[str, int]:
+async def _running_replicas(app: str) -> dict[str, int]:
     """Deployment -> replicas RUNNING, from the controller's plain details. serve.status()
     builds the same from them through pydantic models that pickle every deployment's request
-    router: ~100 ms of CPU per read (measured with py-spy), taken from this process's gateway."""
-    details = _get_global_client().get_serve_details()
+    router: ~100 ms of CPU per read (measured with py-spy), taken from this process's gateway.
+    Awaited (Serve's client would block a thread in ray.get, with no timeout)."""
+    controller = _get_global_client()._controller
+    details = await controller.get_serve_instance_details.remote()
     deployments = details["applications"][app]["deployments"]
     return {
         name: sum(r["state"] == RUNNING for r in d.get("replicas", ()))

@@ -13,11 +13,11 @@ from tritonclient.grpc import service_pb2 as oip
 
 from multimed.models.catalog import CATALOG, InputForm, OutputKind
 from multimed.models.config import ModelConfig
-from multimed.models.errors import InputError
+from multimed.models.errors import InputError, Overloaded
 from multimed.models.inputs import RawInput
 from multimed.models.modalities.registry import build_pipelines
 from multimed.models.outputs import Prediction
-from multimed.services.admission import Pace
+from multimed.services.admission import Admission, Pace
 from multimed.services.audit import AuditLog, task_label
 from multimed.services.cache import EmbeddingCache, content_key
 from multimed.services.coalesce import Coalescer
@@ -174,6 +174,25 @@ def test_admission_counts_items_and_refuses_a_queue_that_would_outlast_the_deadl
     for _ in range(40):
         pace.done(1)
     assert pace.wait_s(1000) > 1.0  # 40 done in well under a second: 1000 queued take longer
+
+
+def test_calls_stuck_on_one_encoder_are_no_queue_ahead_of_calls_for_another():
+    """500 scRNA calls wait on an encoder whose replica is gone while X-ray completes 50 a
+    second: X-ray calls and further scRNA calls are still admitted (scRNA's lane has no pace
+    to refuse by); a queue within X-ray's own lane past 0.8 of a deadline is refused."""
+    admission = Admission(max_in_flight=1024)
+    for _ in range(500):
+        admission.admit(1, 30.0, ("scrna",))
+    for _ in range(100):  # X-ray's pace: 100 done just now
+        admission.admit(1, 30.0, ("xray",))
+        admission.release(1, True, ("xray",))
+    admission.admit(1, 0.5, ("xray",))
+    admission.admit(1, 30.0, ("scrna",))
+    assert admission.in_flight == 502
+    # 100 done in under 0.1 s (a pace read over 0.1 s at least): 400 queued take 0.4 s
+    with pytest.raises(Overloaded, match="queue ahead"):
+        for _ in range(500):
+            admission.admit(1, 0.5, ("xray",))
 
 
 def test_request_ids_round_trip_in_metadata_and_stay_bounded_and_distinct():
