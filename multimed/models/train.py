@@ -35,6 +35,7 @@ from multimed.models.outputs import output_of
 from multimed.models.trust import fit_temperature
 
 log = logging.getLogger(__name__)
+CLIP_NORM = 2.0  # per encoder and per task model (see fit)
 
 
 class TrainSettings(Frozen):
@@ -183,8 +184,12 @@ def fit(prep: Prepared, settings: TrainSettings, model: Model) -> float:
     calibration and OOD statistics on validation. -> training seconds."""
     started = time.monotonic()
     data, train_idx = prep.data, prep.split.train
-    trainable = [p for m in prep.modalities() for p in model.encoders[m].parameters()]
-    trainable += list(model.task_models.parameters())
+    # Gradients are clipped per encoder and per task model: clipped all together, one task's
+    # large gradient shrank every other's step (summing the findings loss over its labels cost
+    # motor imagery 0.90 -> 0.76 on validation until the clipping was split).
+    groups = [list(model.encoders[m].parameters()) for m in prep.modalities()]
+    groups += [list(t.parameters()) for t in model.task_models.tasks.values()]
+    trainable = [p for group in groups for p in group]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train_idx) / settings.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -205,7 +210,8 @@ def fit(prep: Prepared, settings: TrainSettings, model: Model) -> float:
                 total = total + _step_loss(model, part.data, part.split.train[pick], settings, gen)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
-            nn.utils.clip_grad_norm_(trainable, 2.0)
+            for group in groups:
+                nn.utils.clip_grad_norm_(group, CLIP_NORM)
             optimizer.step()
             schedule.step()
             epoch_loss += total.item()
