@@ -28,6 +28,7 @@ from multimed.models.cohort.synthetic import (
     VQA_ANSWERS,
     Patient,
     expected_expression,
+    vqa_answer,
 )
 from multimed.models.outputs import output_of
 
@@ -112,12 +113,7 @@ def _latent_class(key: str, n: int) -> Callable[[Sequence[Patient], set[str]], T
 def _vqa(patients: Sequence[Patient], modalities: set[str]) -> Tensor:
     """The answer the lesion shows to the question asked (presence, side or size): the ring is
     drawn on every imaging modality at a visible amplitude."""
-    answers = []
-    for patient in patients:
-        lesion, kind = patient.latent["vqa_lesion"], patient.latent["question_type"]
-        shown = ("yes" if lesion["present"] else "no", lesion["side"],
-                 "large" if lesion["large"] else "small")[kind]  # fmt: skip
-        answers.append(VQA_ANSWERS.index(shown))
+    answers = [VQA_ANSWERS.index(vqa_answer(p.latent)) for p in patients]
     return _one_hot(answers, len(VQA_ANSWERS))
 
 

@@ -546,10 +546,6 @@ def generate_patient(index: int, seed: int = 0) -> Patient:
     inputs = {m: render(streams[k], z) for m, (k, render) in _RENDERERS.items()}
     z["motifs"] = [int(m in inputs["genomics"]) for m in MOTIFS]  # count chance occurrences too
     expression = expected_expression(z) + streams[_SEQUENCE].normal(0, EXPRESSION_NOISE, 8)
-    les, qtype = z["vqa_lesion"], z["question_type"]
-    answer = (
-        ("yes" if les["present"] else "no", les["side"], "large" if les["large"] else "small")
-    )[qtype]
     labels = {
         "disease_classification": z["disease"],
         "brain_tumor_classification": z["tumour_label"],
@@ -561,7 +557,7 @@ def generate_patient(index: int, seed: int = 0) -> Patient:
         "cell_type_classification": z["cell_label"],
         "expression_prediction": expression.astype(np.float32),
         "protein_structure_prediction": z["structure"],
-        "medical_vqa": VQA_ANSWERS.index(answer),
+        "medical_vqa": VQA_ANSWERS.index(vqa_answer(z)),
     }
     assert set(labels) == set(CATALOG.tasks)
     return Patient(
@@ -572,6 +568,13 @@ def generate_patient(index: int, seed: int = 0) -> Patient:
         labels=labels,
         latent=z,
     )
+
+
+def vqa_answer(z: dict) -> str:
+    """The answer the lesion gives to the question asked (presence, side or size)."""
+    lesion = z["vqa_lesion"]
+    present = "yes" if lesion["present"] else "no"
+    return (present, lesion["side"], "large" if lesion["large"] else "small")[z["question_type"]]
 
 
 def expected_expression(z: dict) -> np.ndarray:
