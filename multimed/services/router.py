@@ -123,7 +123,7 @@ class Router:
                     results[i] = error
                 continue
             fused_at = time.perf_counter()
-            for i, (prediction, contributions) in zip(members, predictions, strict=True):
+            for i, (prediction, contributions, ood) in zip(members, predictions, strict=True):
                 if not _finite(prediction.scores, list(contributions.values())):
                     log.error("task %s produced non-finite scores", task)
                     results[i] = ModelFault(f"task {task} produced non-finite scores")
@@ -133,6 +133,7 @@ class Router:
                     results[i],
                     prediction,
                     contributions,
+                    ood,
                     (encoded_at - started) * 1000,
                     (fused_at - encoded_at) * 1000,
                 )
@@ -204,8 +205,10 @@ class Router:
             return [failure] * len(items)
 
     def _fuse(self, task: str, members: list[dict[str, Embedding]], explain: bool):
-        """One fusion pass for calls with the same task and modalities (per call when the
-        task labels tokens, whose lengths differ, or when contributions were asked for)."""
+        """One fusion pass, and one out-of-distribution pass per modality, for calls with the
+        same task and modalities (per call when the task labels tokens, whose lengths differ,
+        or when contributions were asked for). -> per call (prediction, contributions, OOD
+        score by modality)."""
         spec = CATALOG.task(task)
         if spec.token_modality is not None or explain:
             out = []
@@ -213,15 +216,23 @@ class Router:
                 outputs = {m: _as_output(e) for m, e in embeddings.items()}
                 prediction = self.tasks.predict(task, outputs)[0]
                 contributions = self._contributions(task, outputs, prediction) if explain else {}
-                out.append((prediction, contributions))
+                ood = {m: self.tasks.out_of_distribution(m, o)[0] for m, o in outputs.items()}
+                out.append((prediction, contributions, ood))
             return out
         outputs = {
-            m: EncoderOutput(torch.from_numpy(np.stack([e[m].pooled for e in members])))
+            m: EncoderOutput(
+                torch.from_numpy(np.stack([e[m].pooled for e in members])),
+                descriptor=torch.from_numpy(np.stack([e[m].descriptor for e in members])),
+            )
             for m in members[0]
         }
-        return [(p, {}) for p in self.tasks.predict(task, outputs)]
+        oods = {m: self.tasks.out_of_distribution(m, o) for m, o in outputs.items()}
+        return [
+            (p, {}, {m: scores[i] for m, scores in oods.items()})
+            for i, p in enumerate(self.tasks.predict(task, outputs))
+        ]
 
-    def _result(self, call, embeddings, prediction, contributions, encode_ms, fuse_ms):
+    def _result(self, call, embeddings, prediction, contributions, ood, encode_ms, fuse_ms):
         spec = CATALOG.task(call.task)
         return PredictResult(
             request_id=call.request_id,
@@ -237,10 +248,7 @@ class Router:
                 m: EncodeStats(e.batch_size, e.queue_depth, e.replica, e.gpu_utilization)
                 for m, e in embeddings.items()
             },
-            out_of_distribution={
-                m: self.tasks.out_of_distribution(m, _as_output(e))[0]
-                for m, e in embeddings.items()
-            },
+            out_of_distribution=ood,
         )
 
     def _contributions(self, task: str, outputs: dict[str, EncoderOutput], full: Prediction):

@@ -10,6 +10,7 @@ from multimed.models.cohort.writer import to_wire
 from multimed.models.config import ModelConfig
 from multimed.models.errors import InputError
 from multimed.models.inputs import RawInput
+from multimed.models.modalities.base import channel_stats
 from multimed.models.modalities.registry import PIPELINES, build_pipeline
 
 CONFIG = ModelConfig(embed_dim=32)
@@ -108,3 +109,13 @@ def test_model_ready_tensor_is_checked(pipeline):
         assert prepare(ids)["tokens"].shape == (10,)
         with pytest.raises(InputError, match="token ids must lie"):
             prepare(np.array([0, 1, pad, 2, 0, 1, 2, 3, 0, 1], dtype=np.int64))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_channel_stats_are_each_channels_mean_and_sample_std(offset):
+    """The OOD descriptor's statistics, as torch defines them (the fast form must not drift),
+    also where the mean dwarfs the spread (a one-pass E[x^2] - E[x]^2 loses that)."""
+    x = offset + torch.randn(4, 6, 9, 7, generator=torch.Generator().manual_seed(0)) * 0.01
+    flat = x.double().flatten(2)
+    expected = torch.cat([flat.mean(-1), flat.std(-1)], 1).float()
+    assert torch.allclose(channel_stats(x), expected, rtol=1e-3, atol=1e-5)

@@ -20,8 +20,10 @@ from multimed.services.offload import off_loop_if
 
 log = logging.getLogger("multimed.listener")
 
-# Bodies up to this size are parsed on the event loop: a thread hop costs more than the parse.
-INLINE_BYTES = 64 * 1024
+# Bodies up to this size are parsed on the event loop, where a tensor's parse costs less than
+# the thread hop (measured: hop 0.12 ms of CPU; 256 kB tensor 0.007 ms). Maps cost more: a
+# 256 kB gene map holds the loop ~2 ms, a 1 MB one 15 ms. At 64 kB every 128x128 X-ray hopped.
+INLINE_BYTES = 256 * 1024
 DENIED = "missing or wrong bearer token"
 
 
