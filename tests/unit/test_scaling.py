@@ -81,6 +81,17 @@ def test_a_single_replica_gets_one_call_as_before():
     assert calls == [3]
 
 
+@pytest.mark.parametrize("cache_entries, encoded", [(16, 2), (0, 3)])
+def test_equal_inputs_in_one_batch_share_an_encoding_only_with_the_cache(cache_entries, encoded):
+    """Content digests key the cache; with it off inputs are keyed by identity, undigested
+    (equal content is then encoded once per input), and each still gets its own embedding."""
+    encoder = Encoder()
+    router = Router({"xray": encoder}, TaskModels(ModelConfig(embed_dim=8)), "v", cache_entries)
+    out = asyncio.run(router.embed_many([xray(0.1), xray(0.2), xray(0.1)]))
+    assert encoder.calls == [encoded]
+    assert [float(e.pooled[0]) for e in out] == pytest.approx([0.1, 0.2, 0.1])
+
+
 def test_an_encoder_without_replicas_fails_its_inputs_at_once():
     calls, out = embed({"xray": 0}, [0.1, 0.2])
     assert calls == []
