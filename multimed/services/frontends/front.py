@@ -8,7 +8,6 @@ health calls pass unlimited, so probes still answer under overload."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import pwd
@@ -24,7 +23,6 @@ from multimed.services.config import GatewaySettings
 
 log = logging.getLogger("multimed.front")
 START_S = 10.0  # for nginx to listen
-PR_SET_PDEATHSIG = 1
 
 # Timeouts are the longest a stream may live: nginx's defaults (60 s between two reads) would
 # cut a quiet PredictStream or a health Watch.
@@ -122,12 +120,6 @@ def render(settings: GatewaySettings, socket_path: Path, run: Path) -> str:
     )
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM (nginx's fast shutdown) when the replica dies, even by
-    SIGKILL, so no orphan keeps the port."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _parent(proc: Path) -> int | None:
     try:  # /proc/PID/stat: after the command's closing parenthesis, state then ppid
         return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -158,6 +150,9 @@ class Front:
                 f"gateway.front needs nginx ({self.settings.front.nginx!r} not found; Debian: "
                 "apt-get install nginx-light)"
             )
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise RuntimeError("gateway.front needs setpriv (Debian: util-linux)")
         conf = self.run / "nginx.conf"
         conf.write_text(render(self.settings, self.socket, self.run))
         checked = subprocess.run(
@@ -167,13 +162,14 @@ class Front:
         )
         if checked.returncode != 0:
             raise RuntimeError(f"nginx refused the front's configuration: {checked.stderr.strip()}")
-        # nginx logs to the replica's stderr (Ray's replica log). Started on the replica's
-        # event-loop thread, which lives as long as the replica: the parent-death signal follows
-        # the thread that forked.
-        self.process = subprocess.Popen(
-            [binary, "-p", str(self.run), "-c", str(conf), "-e", "stderr"],
-            preexec_fn=_die_with_parent,  # one ctypes call: safe between fork and exec
-        )
+        # nginx logs to the replica's stderr (Ray's replica log). setpriv gives it SIGTERM
+        # (nginx's fast shutdown) when the replica dies, even by SIGKILL, so no orphan keeps the
+        # port; the signal follows the thread that started it, the replica's event-loop thread,
+        # which lives as long as the replica. No Python runs between fork and exec: a
+        # preexec_fn forced a plain fork(), and with gRPC's threads busy its child now and then
+        # aborted before exec (CI: "nginx did not start (exit -6)").
+        nginx = [binary, "-p", str(self.run), "-c", str(conf), "-e", "stderr"]
+        self.process = subprocess.Popen([setpriv, "--pdeathsig", "TERM", "--", *nginx])
         deadline = time.monotonic() + START_S
         while not self._worker_started():
             if self.process.poll() is not None or time.monotonic() > deadline:
