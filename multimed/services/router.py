@@ -61,7 +61,8 @@ class Router:
         self.cache = EmbeddingCache(cache_entries, int(cache_mb * 2**20))
         # Inputs are keyed by a digest of their content for the cache; with the cache off, no
         # key outlives its batch, and the digest (~1 ms of CPU for a 2 MB study) buys nothing.
-        self.key = content_key if cache_entries else identity_key
+        self.hashes = cache_entries > 0
+        self.key = content_key if self.hashes else identity_key
         self.encoder_timeout_s = encoder_timeout_s
         # RUNNING replicas per encoder, kept by the replica's watch (unknown: 1). At 0, calls
         # that need the encoder fail at once with UNAVAILABLE instead of queueing until a
@@ -77,7 +78,7 @@ class Router:
     ) -> list[Embedding | Exception]:
         """-> per input an Embedding, or its error as a value (raised by the caller, so that
         replica logs never carry an error message quoting the input)."""
-        large = self.key is content_key and is_large(raws)
+        large = self.hashes and is_large(raws)
         keys: list[str | Exception] = await off_loop_if(large, _keys, raws, self.key)
         wanted: dict[str, dict[str, Wanted]] = {}
         for raw, key in zip(raws, keys, strict=True):
@@ -95,7 +96,7 @@ class Router:
         # the loop a coalesced batch's fusion holds it for milliseconds, and grpc.aio takes one
         # new call from gRPC per loop turn: at 10x capacity two thirds of the calls waited in
         # gRPC's queue until gRPC cancelled them (it cancels past 1,000 waiting).
-        large = self.key is content_key and is_large(r for c in calls for r in c.inputs)
+        large = self.hashes and is_large(r for c in calls for r in c.inputs)
         checked = await off_loop_if(large, lambda: [_checked_inputs(c, self.key) for c in calls])
         now = time.time()
         wanted: dict[str, dict[str, Wanted]] = {}

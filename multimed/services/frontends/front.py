@@ -155,11 +155,8 @@ class Front:
             raise RuntimeError("gateway.front needs setpriv (Debian: util-linux)")
         conf = self.run / "nginx.conf"
         conf.write_text(render(self.settings, self.socket, self.run))
-        checked = subprocess.run(
-            [binary, "-t", "-q", "-p", str(self.run), "-c", str(conf), "-e", "stderr"],
-            capture_output=True,
-            text=True,
-        )
+        nginx = [binary, "-p", str(self.run), "-c", str(conf), "-e", "stderr"]
+        checked = subprocess.run([*nginx, "-t", "-q"], capture_output=True, text=True)
         if checked.returncode != 0:
             raise RuntimeError(f"nginx refused the front's configuration: {checked.stderr.strip()}")
         # nginx logs to the replica's stderr (Ray's replica log). setpriv gives it SIGTERM
@@ -168,7 +165,6 @@ class Front:
         # which lives as long as the replica. No Python runs between fork and exec: a
         # preexec_fn forced a plain fork(), and with gRPC's threads busy its child now and then
         # aborted before exec (CI: "nginx did not start (exit -6)").
-        nginx = [binary, "-p", str(self.run), "-c", str(conf), "-e", "stderr"]
         self.process = subprocess.Popen([setpriv, "--pdeathsig", "TERM", "--", *nginx])
         deadline = time.monotonic() + START_S
         while not self._worker_started():
