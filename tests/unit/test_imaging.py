@@ -22,7 +22,7 @@ from multimed.models.codecs.image import read_image, write_png
 from multimed.models.errors import InputError
 from multimed.models.inputs import RawInput
 from multimed.models.modalities.ct import CTPipeline
-from multimed.models.modalities.mri import MRIPipeline
+from multimed.models.modalities.mri import SAMPLE, MRIPipeline, tail_percentiles
 from multimed.models.modalities.oct import OCTPipeline
 from multimed.models.modalities.pathology import PathologyPipeline
 from multimed.models.modalities.xray import XrayPipeline
@@ -217,6 +217,32 @@ def test_an_input_at_the_model_size_is_not_resampled_yet_equals_resampling(cls):
     resampled = F.interpolate(x, size=x.shape[2:], mode=mode, align_corners=False, **extra)
     assert out[key].shape == shape
     torch.testing.assert_close(resampled.reshape(shape), out[key], atol=1e-6, rtol=0)
+
+
+def _volumes():
+    """Volumes that make the tails' thresholds work: ties, a sorted volume (every strided
+    sample value is in order), a large offset, a heavy tail, and one whose strided positions
+    hold its smallest values (the sample misjudges the low tail: numpy's whole partition)."""
+    r = np.random.default_rng(7)
+    yield "uniform", r.random((16, 128, 128), dtype=np.float32)
+    yield "ties", r.integers(0, 5, (16, 64, 64)).astype(np.float32)
+    yield "sorted", np.sort(r.exponential(1, 16 * 64 * 64)).astype(np.float32).reshape(16, 64, 64)
+    yield "offset", r.normal(1000, 1, (8, 100, 117)).astype(np.float32)
+    yield "heavy tail", (r.random((1, 256, 256)) ** 8 * 4000).astype(np.float32)
+    yield "constant", np.full((16, 64, 64), 7.5, np.float32)
+    yield "small", r.random((3, 16, 16), dtype=np.float32)
+    fooled = r.random(16 * 128 * 128).astype(np.float32) + 1
+    fooled[:: fooled.size // SAMPLE] = np.linspace(0, 1, len(fooled[:: fooled.size // SAMPLE]))
+    yield "fooled sample", fooled.reshape(16, 128, 128)
+
+
+@pytest.mark.parametrize("name, volume", list(_volumes()), ids=[n for n, _ in _volumes()])
+def test_mri_percentiles_equal_numpys_bit_for_bit(name, volume):
+    """MRI inputs are scaled by their 1st/99th percentiles: the fast selection must give what
+    np.percentile gave the model in training, exactly."""
+    for low, high in ((1.0, 99.0), (0.5, 99.5), (5.0, 95.0)):
+        got, expected = tail_percentiles(volume, low, high), np.percentile(volume, [low, high])
+        assert got.dtype == expected.dtype and np.array_equal(got, expected), (low, high)
 
 
 # --- encoders ---
