@@ -77,6 +77,11 @@ class DataPlane:
         return coalescer
 
     @property
+    def mutual_tls(self) -> bool:
+        """Whether the listener asks clients for a certificate (callers are then named by it)."""
+        return self.settings.tls is not None and self.settings.tls.client_ca is not None
+
+    @property
     def bundle_version(self) -> str:
         return self.manifest["version"]
 
@@ -119,7 +124,8 @@ class DataPlane:
         try:
             self.admission.admit(items, call.timeout_s, needs)
             deadline = time.time() + call.timeout_s
-            result = await asyncio.wait_for(work(deadline), call.timeout_s)
+            async with asyncio.timeout(call.timeout_s):  # no task per call, as wait_for makes
+                result = await work(deadline)
         except asyncio.CancelledError:
             status, message = Status.CANCELLED, "cancelled"
             raise

@@ -135,5 +135,5 @@ class Encoder(MemoryLimited):
             result
             if isinstance(result, ModelFault)
             else Embedding(*result, len(items), depth, self.replica, gpu)
-            for result in await self.core.encode(items, forward)
+            for result in await self.core.encode(items, forward, alone=depth == len(items))
         ]
