@@ -123,18 +123,25 @@ def raw_baseline(
 
 
 def load(
-    url: str, requests: loadtest.TaskLoad, concurrency: int, seconds: float, n: int, server: int
+    url: str,
+    requests: loadtest.TaskLoad,
+    concurrency: int,
+    seconds: float,
+    n: int,
+    server: int,
+    connections: int = 1,
 ) -> dict:
     """`concurrency` callers back to back until n requests or the time runs out, after one
-    warm-up request per caller (connections and replicas warm). CPU per request: the server's
-    whole process tree (`server`: its pid) and this process (the load generator), each over the
-    run, warm-up requests counted in."""
+    warm-up request per caller (connections and replicas warm), dealt over `connections`.
+    CPU per request: the server's whole process tree (`server`: its pid) and this process (the
+    load generator), each over the run, warm-up requests counted in."""
     plan = loadtest.Plan(
         (requests,),
         loadtest.ClosedLoop(concurrency),
         loadtest.Bounds(seconds, n),
         warmup=loadtest.Bounds(60, concurrency),
         repeat_inputs=True,  # --distinct inputs, cycled
+        connections=connections,
     )
     server_cpu, generator_cpu = proc.TreeCpu(server), proc.own_cpu_s()
     s = loadtest.run(ChannelSettings(url), loadtest.MULTIMED, plan).overall
@@ -153,13 +160,17 @@ def load(
     }
 
 
-def bench_config(source: str, in_router: list[str], out: Path) -> Path:
+def bench_config(source: str, in_router: list[str], out: Path, routers: int = 1) -> Path:
     """`source` with the embedding cache off (requests cycle through --distinct inputs, and a
     cache hit skips the encoders: with it on, most requests past the first --distinct were
-    answered from it) and `in_router`'s encoders placed in the router replica."""
+    answered from it), `in_router`'s encoders placed in the router replica and `routers`
+    router replicas (sharing the port)."""
     config = yaml.safe_load(Path(source).read_text())
     app = config["applications"][0]
     app["args"]["cache_entries"] = 0
+    for deployment in app.get("deployments", []):
+        if deployment["name"] == "router":
+            deployment["num_replicas"] = routers
     if in_router:
         app["args"]["in_router"] = {m: {"max_batch_size": 32} for m in in_router}
         gone = {encoder_deployment(m) for m in in_router}
@@ -210,7 +221,9 @@ def run_load(url, args, label, server: subprocess.Popen, profile: Path | None = 
                         spies[deployment] = proc.profile(
                             pid, args.seconds, profile / f"{deployment}.txt"
                         )
-            point = load(url, requests, c, args.seconds, args.max_requests, server.pid)
+            point = load(
+                url, requests, c, args.seconds, args.max_requests, server.pid, args.connections
+            )
             for deployment, spy in spies.items():
                 spy.wait()
                 point.setdefault("profile", {})[deployment] = proc.summarise(
@@ -247,6 +260,10 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the router and X-ray replicas at image c=max"
     )
+    parser.add_argument("--routers", type=int, default=1, help="router replicas (served paths)")
+    parser.add_argument(
+        "--connections", type=int, default=1, help="client connections the load is dealt over"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.image_size:
@@ -277,7 +294,9 @@ def main() -> None:
 
     placements = {"served": [], **({"in-router": args.in_router} if args.in_router else {})}
     for label, in_router in placements.items():
-        config = bench_config(args.config, in_router, Path(tempfile.mkdtemp()) / "serve.yaml")
+        config = bench_config(
+            args.config, in_router, Path(tempfile.mkdtemp()) / "serve.yaml", args.routers
+        )
         port = free_port()
         url = f"127.0.0.1:{port}"
         where = f", {' '.join(in_router)} in the router" if in_router else ""

@@ -388,6 +388,7 @@ def _loadtest(args) -> int:
         repeat_inputs=args.repeat_inputs,
         mix=loadtest.Mix(args.mix),
         seed=args.seed,
+        connections=args.connections,
     )
     progress = sys.stderr if sys.stderr.isatty() and not args.no_progress else None
     result = loadtest.run(ChannelSettings(**_client_options(args)), api, plan, progress)
@@ -632,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--rate", type=float, help="open loop: requests per second")
     p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
     p.add_argument("--max-outstanding", type=int, default=256, help="open loop's in-flight cap")
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="connections to deal the load over (router replicas sharing a port: one each)",
+    )
     p.add_argument("--duration", type=float, default=10, help="seconds")
     p.add_argument("--max-requests", type=int, default=1000)
     p.add_argument("--warmup", type=int, help="warm-up requests, not counted")

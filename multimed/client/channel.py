@@ -84,7 +84,12 @@ class ChannelSettings:
             return grpc.secure_channel(self.url, self.credentials(), options=self.options())
         return grpc.insecure_channel(self.url, options=self.options())
 
-    def aio_channel(self) -> grpc.aio.Channel:
+    def aio_channel(self, own_connection: bool = False) -> grpc.aio.Channel:
+        """`own_connection`: a TCP connection of this channel's own (gRPC otherwise shares one
+        among a process's channels to the same address and options)."""
+        options = self.options() + (
+            [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+        )
         if self.secure:
-            return grpc.aio.secure_channel(self.url, self.credentials(), options=self.options())
-        return grpc.aio.insecure_channel(self.url, options=self.options())
+            return grpc.aio.secure_channel(self.url, self.credentials(), options=options)
+        return grpc.aio.insecure_channel(self.url, options=options)

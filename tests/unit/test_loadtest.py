@@ -39,9 +39,11 @@ class Seen:
 
     def __init__(self):
         self.calls: list[tuple[str, str, dict[str, bytes]]] = []
+        self.peers: Counter[str] = Counter()  # calls by client address and port
 
     async def answer(self, request_id: str, model: str, inputs: dict[str, bytes], context):
         self.calls.append((request_id, model, inputs))
+        self.peers[context.peer()] += 1
         number = len(self.calls)
         await asyncio.sleep(SERVICE_S)
         if number % 10 == 0:
@@ -107,6 +109,7 @@ def server(served) -> tuple[str, Seen]:
     """The server, with what it was sent (and its count towards every tenth call) cleared."""
     url, seen = served
     seen.calls.clear()
+    seen.peers.clear()
     return url, seen
 
 
@@ -153,6 +156,20 @@ def test_the_duration_bounds_the_run_and_warm_up_is_not_counted(server):
     assert result.stopped_by == "duration" and 0.5 <= result.duration_s < 1.5  # + the drain
     assert result.warmup_requests == 3
     assert 10 < result.overall.requests == len(seen.calls) - 3
+
+
+@pytest.mark.parametrize("load", [loadtest.ClosedLoop(6), loadtest.OpenLoop(300)])
+def test_the_load_is_dealt_over_its_connections(server, load):
+    """Router replicas sharing a port get connections, not calls: a load over one connection
+    reaches one replica. Three connections are three client ports, each carrying a third."""
+    url, seen = server
+    run(url, loadtest.prepare(loadtest.MULTIMED, "t", notes(60)), load=load, connections=3)
+    assert sorted(seen.peers.values()) == [20, 20, 20]
+    seen.peers.clear()
+    run(url, loadtest.prepare(loadtest.MULTIMED, "t", notes(30)), load=load)
+    assert len(seen.peers) == 1
+    with pytest.raises(ValueError, match="connections"):
+        loadtest.Plan((), load, loadtest.Bounds(1, 1), connections=0)
 
 
 def test_without_repeat_each_input_is_sent_once(server):

@@ -5,6 +5,7 @@ count, with a warm-up that is not counted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -57,11 +58,12 @@ class ClosedLoop:
             raise ValueError(f"concurrency must be at least 1, not {self.concurrency}")
 
     async def drive(self, phase: _Phase) -> None:
-        async def caller() -> None:
+        async def caller(call: grpc.aio.UnaryUnaryMultiCallable) -> None:
             while (item := phase.claim()) is not None:
-                await phase.send(item, time.perf_counter())
+                await phase.send(call, item, time.perf_counter())
 
-        await asyncio.gather(*(caller() for _ in range(self.concurrency)))
+        calls = phase.calls  # callers dealt over the connections
+        await asyncio.gather(*(caller(calls[i % len(calls)]) for i in range(self.concurrency)))
 
 
 @dataclass(frozen=True)
@@ -85,17 +87,19 @@ class OpenLoop:
         slots = asyncio.Semaphore(self.max_outstanding)
         in_flight: set[asyncio.Task] = set()
 
-        async def one(item: tuple[str, bytes], scheduled: float) -> None:
+        async def one(item: tuple[str, bytes], scheduled: float, call) -> None:
             try:
-                await phase.send(item, scheduled)
+                await phase.send(call, item, scheduled)
             finally:
                 slots.release()
 
-        scheduled = time.perf_counter()
+        scheduled, sent = time.perf_counter(), 0
         while (item := phase.claim(scheduled)) is not None:
             await asyncio.sleep(scheduled - time.perf_counter())
             await slots.acquire()
-            call = asyncio.create_task(one(item, scheduled))
+            connection = phase.calls[sent % len(phase.calls)]  # arrivals dealt in turn
+            sent += 1
+            call = asyncio.create_task(one(item, scheduled, connection))
             in_flight.add(call)
             call.add_done_callback(in_flight.discard)
             scheduled += self.arrival.gap(self.rate_rps, rng)
@@ -112,6 +116,14 @@ class Plan:
     repeat_inputs: bool = False  # else each request is sent once, and the run ends when all were
     mix: Mix = Mix.ROUND_ROBIN
     seed: int = 0  # arrivals and the random mix
+    # Client connections the load is dealt over. Router replicas on one node share the port and
+    # the kernel spreads *connections* across them: one connection loads one replica, however
+    # many callers it carries.
+    connections: int = 1
+
+    def __post_init__(self):
+        if self.connections < 1:
+            raise ValueError(f"connections must be at least 1, not {self.connections}")
 
 
 class _Feed:
@@ -145,14 +157,14 @@ class _Phase:
 
     def __init__(
         self,
-        call: grpc.aio.UnaryUnaryMultiCallable,
+        calls: list[grpc.aio.UnaryUnaryMultiCallable],
         api: Api,
         feed: _Feed,
         bounds: Bounds,
         plan: Plan,
         metadata: tuple[tuple[str, str], ...],
     ):
-        self.call, self.api, self.feed, self.bounds = call, api, feed, bounds
+        self.calls, self.api, self.feed, self.bounds = calls, api, feed, bounds
         self.timeout_s, self.seed, self.metadata = plan.timeout_s, plan.seed, metadata
         self.run_id = uuid.uuid4().hex[:12]
         self.sent = 0
@@ -193,10 +205,10 @@ class _Phase:
     def _stop(self, why: str) -> None:
         self.stopped_by = self.stopped_by or why
 
-    async def send(self, item: tuple[str, bytes], since: float) -> None:
+    async def send(self, call, item: tuple[str, bytes], since: float) -> None:
         task, request = item
         try:
-            await self.call(request, timeout=self.timeout_s, metadata=self.metadata)
+            await call(request, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
             self.errors[task][e.code().name].append((time.perf_counter() - since) * 1000)
         else:
@@ -249,14 +261,21 @@ async def run_async(
     line rewritten in place."""
     feed = _Feed(plan)
     metadata = channel.metadata()
-    async with channel.aio_channel() as opened:
-        call = opened.unary_unary(api.method)  # bytes in, bytes out: nothing parsed per call
+    async with contextlib.AsyncExitStack() as stack:
+        opened = [
+            await stack.enter_async_context(
+                channel.aio_channel(own_connection=plan.connections > 1)
+            )
+            for _ in range(plan.connections)
+        ]
+        # bytes in, bytes out: nothing parsed per call
+        calls = [c.unary_unary(api.method) for c in opened]
         warmed = 0
         if plan.warmup is not None:
-            warmup = _Phase(call, api, feed, plan.warmup, plan, metadata)
+            warmup = _Phase(calls, api, feed, plan.warmup, plan, metadata)
             await warmup.run(plan.load, progress, "warm-up")
             warmed = warmup.sent
-        phase = _Phase(call, api, feed, plan.bounds, plan, metadata)
+        phase = _Phase(calls, api, feed, plan.bounds, plan, metadata)
         await phase.run(plan.load, progress, "load")
     return phase.result(plan, warmed)
 
