@@ -161,10 +161,13 @@ def test_the_duration_bounds_the_run_and_warm_up_is_not_counted(server):
 @pytest.mark.parametrize("load", [loadtest.ClosedLoop(6), loadtest.OpenLoop(300)])
 def test_the_load_is_dealt_over_its_connections(server, load):
     """Router replicas sharing a port get connections, not calls: a load over one connection
-    reaches one replica. Three connections are three client ports, each carrying a third."""
+    reaches one replica. Three connections are three client ports, each carrying about a third
+    (the open loop deals arrivals in turn; the closed loop's callers, two a connection, each
+    send again when answered)."""
     url, seen = server
     run(url, loadtest.prepare(loadtest.MULTIMED, "t", notes(60)), load=load, connections=3)
-    assert sorted(seen.peers.values()) == [20, 20, 20]
+    assert len(seen.peers) == 3 and sum(seen.peers.values()) == 60
+    assert min(seen.peers.values()) >= 15, seen.peers
     seen.peers.clear()
     run(url, loadtest.prepare(loadtest.MULTIMED, "t", notes(30)), load=load)
     assert len(seen.peers) == 1
