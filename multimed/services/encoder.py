@@ -83,7 +83,6 @@ class Encoder(MemoryLimited):
             self.remote = None
             where = str(self.pipeline.device)
         self.gpu = GpuUtilization(self.pipeline.device)
-        self.waiting = 0
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.reconfigure(BatchConfig().model_dump())
         log.info("encoder %s ready on %s (bundle %s)", modality, where, self.bundle_version)
@@ -102,11 +101,8 @@ class Encoder(MemoryLimited):
         worker thread unless the inputs are small arrays or strings, so this replica's event
         loop keeps batching while a large series decodes; drop inputs whose caller's deadline
         has passed; run the rest through the batcher, which also merges concurrent callers."""
-        self.waiting += len(raws)  # from arrival: decoding is this replica's work too
-        try:
+        with self.core.holding(len(raws)):
             return await self._encode(raws, deadlines)
-        finally:
-            self.waiting -= len(raws)
 
     async def _encode(
         self, raws: list[RawInput], deadlines: list[float | None] | None
@@ -125,15 +121,15 @@ class Encoder(MemoryLimited):
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve samples this for the autoscaling policy (services/autoscaling.py): the inputs
         in this replica (decoding, waiting for a batch or in one), as the queue-depth metric."""
-        return {INPUTS_IN_FLIGHT: self.waiting}
+        return {INPUTS_IN_FLIGHT: self.core.waiting}
 
     async def _run_batch(self, items: list[Batch]) -> list[Embedding | ModelFault]:
-        depth = self.waiting
+        depth = self.core.waiting
         gpu = self.gpu.sample()
         forward = None if self.remote is None else self.remote.forward
         return [
             result
             if isinstance(result, ModelFault)
             else Embedding(*result, len(items), depth, self.replica, gpu)
-            for result in await self.core.encode(items, forward, alone=depth == len(items))
+            for result in await self.core.encode(items, forward)
         ]

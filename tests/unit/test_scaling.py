@@ -5,6 +5,7 @@ runs scales on inputs in flight, read through Ray's own config and context types
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -15,8 +16,10 @@ from multimed.models.catalog import InputForm
 from multimed.models.config import ModelConfig
 from multimed.models.errors import BackendUnavailable
 from multimed.models.inputs import RawInput
+from multimed.models.modalities.registry import build_pipeline
 from multimed.models.tasks import TaskModels
 from multimed.services.autoscaling import INPUTS_IN_FLIGHT, inputs_policy
+from multimed.services.encoding import EncoderCore
 from multimed.services.errors import Expired
 from multimed.services.router import Router, split
 from multimed.services.types import Embedding
@@ -151,3 +154,26 @@ def test_the_policy_wants_inputs_in_flight_over_the_target_per_replica():
 def test_the_policy_wants_none_before_any_report_and_leaves_a_cold_start_to_serve():
     assert inputs_policy(context({}, replicas=2, target=8))[0] == 0
     assert inputs_policy(context({}, replicas=0, target=8))[0] == 0  # its target: 0 replicas
+
+
+def test_a_lone_forward_leaves_the_loop_only_when_other_inputs_wait():
+    """A lone item's forward runs on the event loop when it is all the encoder holds (no thread
+    hop to pay for), and in a worker thread when other inputs are in the encoder: the loop
+    serves them (and, in the router, gRPC) meanwhile."""
+    pipeline = build_pipeline("xray", ModelConfig()).setup("cpu")
+    core = EncoderCore("xray", pipeline)
+    image = np.random.default_rng(0).random(pipeline.model_input().shape, dtype=np.float32)
+    (item,) = core.prepare([RawInput("xray", InputForm.TENSOR, image)])
+    threads: list[threading.Thread] = []
+    forward = core._encode_here
+    core._encode_here = lambda items: threads.append(threading.current_thread()) or forward(items)
+
+    async def encode(others: int) -> None:
+        with core.holding(1 + others):
+            (out,) = await core.encode([item])
+        assert not isinstance(out, Exception)
+
+    asyncio.run(encode(0))
+    asyncio.run(encode(3))
+    assert threads[0] is threading.main_thread()
+    assert threads[1] is not threading.main_thread()

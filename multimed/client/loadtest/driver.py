@@ -93,12 +93,11 @@ class OpenLoop:
             finally:
                 slots.release()
 
-        scheduled, sent = time.perf_counter(), 0
+        scheduled = time.perf_counter()
         while (item := phase.claim(scheduled)) is not None:
             await asyncio.sleep(scheduled - time.perf_counter())
             await slots.acquire()
-            connection = phase.calls[sent % len(phase.calls)]  # arrivals dealt in turn
-            sent += 1
+            connection = phase.calls[phase.sent % len(phase.calls)]  # arrivals dealt in turn
             call = asyncio.create_task(one(item, scheduled, connection))
             in_flight.add(call)
             call.add_done_callback(in_flight.discard)
