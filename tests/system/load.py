@@ -18,6 +18,7 @@ from multimed.client.loadtest import (
     ClosedLoop,
     OpenLoop,
     Plan,
+    Result,
     Stats,
     prepare,
     run_async,
@@ -55,10 +56,22 @@ async def load(
 ) -> Stats:
     """Every request in `sent` once (an open loop: all sent in len/rate seconds, none held back
     for lack of an outstanding slot); `retries`: the SDK's default retry policy."""
+    return (await load_run(server, task, sent, how, timeout_s, retries)).overall
+
+
+async def load_run(
+    server,
+    task: str,
+    sent: list[dict[str, RawInput]],
+    how: ClosedLoop | OpenLoop,
+    timeout_s: float,
+    retries: bool = False,
+) -> Result:
+    """`load`, with the whole run's result (how late the generator sent, too)."""
     duration = len(sent) / how.rate_rps + 1 if isinstance(how, OpenLoop) else 600
     plan = Plan((prepare(MULTIMED, task, sent),), how, Bounds(duration, len(sent)), None, timeout_s)
     channel = ChannelSettings(server.url, server.token, retries=retries)
-    return (await run_async(channel, MULTIMED, plan)).overall
+    return await run_async(channel, MULTIMED, plan)
 
 
 def open_loop(rate: float, n: int) -> OpenLoop:

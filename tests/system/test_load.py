@@ -8,7 +8,7 @@ import time
 import urllib.request
 
 import pytest
-from load import SCRNA_TASK, ClosedLoop, codes, cores_apart, inputs, load, open_loop
+from load import SCRNA_TASK, ClosedLoop, codes, cores_apart, inputs, load, load_run, open_loop
 from servers import metric, rss_bytes, scrape, session_processes
 
 SOAK_S = 180
@@ -47,17 +47,18 @@ def test_overload_is_refused_fast_and_accepted_calls_keep_their_deadline(server,
     rate = 10 * capacity
     sent = inputs(SCRNA_TASK, int(rate * 4), seed=11)  # four seconds of it
     with cores_apart(server):
-        stats = asyncio.run(load(server, SCRNA_TASK, sent, open_loop(rate, len(sent)), TIMEOUT_S))
-    seen = codes(stats)
+        run = asyncio.run(load_run(server, SCRNA_TASK, sent, open_loop(rate, len(sent)), TIMEOUT_S))
+    stats, seen = run.overall, codes(run.overall)
     refused_p99 = stats.error_p99_ms.get("RESOURCE_EXHAUSTED", float("nan"))
     growth = rss_bytes(pids) / before
+    late = f"sent behind schedule p99 {run.late_p99_ms} ms, max {run.late_max_ms} ms"
     print(
         f"overload at {rate:.0f}/s: {seen}; RESOURCE_EXHAUSTED p99 {refused_p99:.1f} ms; "
-        f"OK p99 {stats.p99_ms} ms; server memory x{growth:.2f}"
+        f"OK p99 {stats.p99_ms} ms; server memory x{growth:.2f}; {late}"
     )
     assert set(seen) <= {"OK", "RESOURCE_EXHAUSTED"}, seen  # no CANCELLED, no deadline missed
     assert stats.ok and "RESOURCE_EXHAUSTED" in seen
-    assert refused_p99 < 50
+    assert refused_p99 < 50, late  # the generator's own lag is within it
     assert stats.max_ms < TIMEOUT_S * 1000
     assert growth < 1.5
 
@@ -82,12 +83,15 @@ def test_soak_at_70_percent_of_capacity(server, capacity):
     asyncio.run(load(server, SCRNA_TASK, warm, open_loop(rate, len(warm)), TIMEOUT_S))
     before = rss_bytes(pids)
     sent = inputs(SCRNA_TASK, int(rate * SOAK_S), seed=14)
-    stats = asyncio.run(load(server, SCRNA_TASK, sent, open_loop(rate, len(sent)), TIMEOUT_S))
+    run = asyncio.run(load_run(server, SCRNA_TASK, sent, open_loop(rate, len(sent)), TIMEOUT_S))
     growth = rss_bytes(pids) / before - 1
-    seen = codes(stats)
+    stats, seen = run.overall, codes(run.overall)
+    late = f"sent behind schedule p99 {run.late_p99_ms} ms, max {run.late_max_ms} ms"
     print(
         f"soak {SOAK_S} s at {rate:.0f}/s: {seen}; p50 {stats.p50_ms} ms p99 {stats.p99_ms} ms; "
-        f"server memory {before / 2**20:.0f} MiB, growth {growth:+.1%}"
+        f"server memory {before / 2**20:.0f} MiB, growth {growth:+.1%}; {late}"
     )
-    assert seen == {"OK": len(sent)}, seen
+    # A generator that stalls sends what it held back at once: past the front's 128 calls in
+    # progress that burst is refused (a full collection of this process's heap did it, now frozen)
+    assert seen == {"OK": len(sent)}, (seen, late)
     assert growth < 0.05
