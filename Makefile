@@ -8,7 +8,8 @@ BUNDLE ?= artifacts/default-bundle
 # them. (Servers set their own, which give memory back: see REPLICA_ENV in services/server.py.)
 TRAIN_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824
 
-.PHONY: install run test lint bundle clean
+.PHONY: install run test test-unit test-integration test-system test-training test-bundle lint \
+	bundle clean
 
 PROTOS := $(wildcard protos/multimed/v1/*.proto)
 STUBS := multimed/v1/multimed_pb2.py
@@ -46,8 +47,37 @@ $(BUNDLE)/manifest.json: | install
 run: install bundle
 	$(BIN)/multimed serve --config deploy/serve_config.yaml --bundle $(BUNDLE)
 
+# The suite in tiers, each its own pytest session so that a tier's servers stop with it
+# (docs/testing.md says what each covers). First the tiers that start no server, beside the
+# server tiers' bundle: pytest keeps about one core busy, so they share the two well; then the
+# server tiers. `make test` stops after the first step with a failing tier.
+PYTEST := $(BIN)/python -m pytest
 test: install
-	$(BIN)/python -m pytest tests
+	$(MAKE) --no-print-directory -j3 --output-sync=target test-unit test-training test-bundle
+	$(MAKE) --no-print-directory test-integration test-system
+
+test-unit: install
+	$(PYTEST) tests/unit
+
+test-training: install
+	$(TRAIN_MALLOC) $(PYTEST) tests/training
+
+# The server tiers share one small bundle, trained once (under a minute) and again whenever the
+# model code changes; a tier run by plain pytest trains its own.
+TEST_BUNDLE := artifacts/test-bundle
+test-integration test-system: export MULTIMED_TEST_BUNDLE = $(abspath $(TEST_BUNDLE))
+
+test-integration: install test-bundle
+	$(PYTEST) tests/integration
+
+test-system: install test-bundle
+	$(PYTEST) tests/system
+
+test-bundle: $(TEST_BUNDLE)/manifest.json
+
+$(TEST_BUNDLE)/manifest.json: $(shell find multimed/models -name '*.py') | install
+	rm -rf $(TEST_BUNDLE)
+	$(TRAIN_MALLOC) $(BIN)/python tests/bundles.py $(TEST_BUNDLE)
 
 lint: install
 	$(BIN)/ruff check multimed tests

@@ -163,6 +163,8 @@ def ray_cluster(work: Path, workers: int = 2, extra_env: dict[str, str] | None =
             cluster.wait_nodes(2 + i)
         yield cluster
     finally:
+        # The application is gone by now (its driver deleted it): nothing to drain, and `ray
+        # start` stopping its node at leisure took up to 30 s a node.
         for node in reversed(cluster.nodes):
-            cluster.stop_node(node, graceful_s=30)
+            cluster.stop_node(node, graceful_s=5)
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)

@@ -1,26 +1,21 @@
-"""Fixtures the server tiers (integration, system) share: one small trained bundle, one
-synthetic cohort and one real server (X-ray at two replicas) per session. The system tier runs
-after the integration tier and kills replicas; each of its tests leaves the server recovered."""
+"""Fixtures the server tiers (integration, system) share: one small trained bundle and one
+synthetic cohort. Each tier's conftest starts its own server; `make test` runs each tier as a
+pytest session of its own, so a tier's server stops with it."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
-from hospital import fhir_receiver, running_orthanc
-from servers import Server, free_port, running_server, serve_config
+from bundles import shared_bundle, small_bundle
 
 from multimed.models.cohort.writer import write_cohort
-from multimed.models.config import ModelConfig
-from multimed.models.train import TrainSettings, train
 
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundle") / "serving"
-    train(out, TrainSettings(patients=60, epochs=1, real_data=False), ModelConfig())
-    return out
+    """The small bundle `make test-bundle` trained, else one trained here (tests/bundles.py)."""
+    return shared_bundle() or small_bundle(tmp_path_factory.mktemp("bundle") / "serving")
 
 
 @pytest.fixture(scope="session")
@@ -28,50 +23,3 @@ def cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cohort")
     write_cohort(out, 3, seed=11)
     return out
-
-
-@pytest.fixture(scope="session")
-def orthanc(tmp_path_factory):
-    """A real PACS (Orthanc + DICOMweb), configured as `main` on the session's server."""
-    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as pacs:
-        yield pacs
-
-
-@pytest.fixture(scope="session")
-def fhir(tmp_path_factory):
-    """-> (FhirReceiver, token file): the session server's FHIR endpoint."""
-    with fhir_receiver(tmp_path_factory.mktemp("fhir")) as receiver:
-        yield receiver
-
-
-@pytest.fixture(scope="session")
-def silent_port():
-    """A port that takes connections and never answers: a PACS too slow to wait for."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        yield listener.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, bundle, cohort, orthanc, fhir, silent_port) -> Server:
-    work = tmp_path_factory.mktemp("server")
-    receiver, fhir_token = fhir
-    hospital = {
-        "pacs": {
-            "main": orthanc.pacs_config(),
-            "down": {"url": f"http://127.0.0.1:{free_port()}/dicom-web", "timeout_s": 2},
-            "slow": {"url": f"http://127.0.0.1:{silent_port}/dicom-web", "timeout_s": 2},
-        },
-        "fhir": {"url": receiver.url, "token_file": str(fhir_token), "attempts": 3},
-    }
-    # OCT's encoder runs inside the router replica (the opt-in placement), every other in a
-    # deployment of its own: the retinopathy tests go through the one, the rest the other.
-    config = serve_config(
-        work / "serve_config.yaml", bundle, hospital=hospital, in_router={"oct": {}}
-    )
-    # Ray's own tools are tested against its dashboard. Its clients reach it through the nginx
-    # front (the overload test needs it), so every protocol is tested through nginx as well.
-    extra = ("--dashboard-port", str(free_port()), "--front")
-    with running_server(work, config, extra=extra) as (url, metrics_url, process):
-        yield Server(url, metrics_url, bundle, cohort, process, log=work / "serve.log")

@@ -20,6 +20,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from multimed.client import MultiMedClient
+from multimed.models.catalog import CATALOG
+from multimed.services.config import encoder_deployment
 from multimed.services.server import wait_serving
 
 TOKEN = "integration-secret"
@@ -60,15 +62,23 @@ def serve_config(
     hospital: dict | None = None,
     in_router: dict | None = None,
     transport: str | None = None,
+    deployed: set[str] | None = None,
 ) -> Path:
     """deploy/serve_config.yaml for tests: X-ray at two replicas; `encoders`: backends;
     `hospital`: args such as pacs and fhir; `in_router`: encoders placed in the router;
-    `transport`: the router's to the encoders."""
+    `transport`: the router's to the encoders; `deployed`: the only modalities with a deployment
+    of their own, every other torch encoder placed in the router (a server for what a test
+    exercises starts in a fraction of the time: each deployment is a process to start)."""
     config = yaml.safe_load(Path("deploy/serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"]["bundle"] = str(bundle)
     if encoders:
         app["args"]["encoders"] = encoders
+    if deployed is not None:
+        placed = set(CATALOG.modalities) - set(deployed) - set(encoders or {})
+        in_router = {**{m: {} for m in sorted(placed)}, **(in_router or {})}
+        absent = {encoder_deployment(m) for m in in_router}
+        app["deployments"] = [d for d in app["deployments"] if d["name"] not in absent]
     if in_router:
         app["args"]["in_router"] = in_router
     if transport:
@@ -105,11 +115,13 @@ def running_server(
     extra: tuple[str, ...] = (),
     wait=None,
     env: dict[str, str] | None = None,
+    stop_s: float = 90,
 ):
     """`multimed serve` with `config` in a subprocess on free loopback ports, the token from a
     token file, until the block ends; `extra`: more `serve` arguments; `wait(url, process, log)`
-    instead of a plaintext health check; `env`: its environment (default: this one's).
-    -> (grpc url, metrics url, process)."""
+    instead of a plaintext health check; `env`: its environment (default: this one's); `stop_s`:
+    how long Ctrl-C may take before its whole session is killed. -> (grpc url, metrics url,
+    process)."""
     port, metrics_port = free_port(), free_port()
     log = work / "serve.log"
     tokens = token_file(work, {"integration": token})
@@ -150,7 +162,7 @@ def running_server(
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(timeout=90)
+            process.wait(timeout=stop_s)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # its own session: the server and its Ray
             process.wait()

@@ -47,7 +47,7 @@ def pki(tmp_path_factory):
 def tls_server(tmp_path_factory, bundle, pki):
     """-> (url, audit log path, serve log path)."""
     work = tmp_path_factory.mktemp("tls")
-    config = serve_config(work / "serve_config.yaml", bundle)
+    config = serve_config(work / "serve_config.yaml", bundle, deployed=set())  # one process
     audit = work / "audit.jsonl"
     extra = (
         "--tls-cert",

@@ -1,5 +1,6 @@
 """Triton as an encoder backend, against a real Open Inference Protocol server (the session's
-gateway), and `multimed export --format triton`."""
+gateway, and a second server whose encoders run on it), and `multimed export --format
+triton`."""
 
 from __future__ import annotations
 
@@ -11,12 +12,32 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from servers import TOKEN, free_port, running_server, serve_config, token_file
 from tritonclient.grpc import model_config_pb2 as mc
 
 from multimed.models.catalog import CATALOG
 from multimed.models.cohort.writer import FILES
 
-REMOTE = ("xray", "text", "protein")  # must match conftest's remote_server
+REMOTE = ("xray", "text", "protein")  # image, features, tokens
+OWN = "pathology"  # the second server's one deployment of its own, reached by Ray actor calls
+
+
+@pytest.fixture(scope="module")
+def remote_server(server, tmp_path_factory):
+    """A second server whose X-ray, text and protein encoders run on the first server's
+    `encoder_<modality>` models, and whose OCT encoder points at a closed port. Its router
+    reaches its own pathology deployment by Ray actor calls, the session server's by direct
+    gRPC; its other encoders run in the router."""
+    work = tmp_path_factory.mktemp("remote")
+    tokens = token_file(work, {"integration": TOKEN})
+    remote = {"backend": "triton", "url": server.url, "token_file": str(tokens)}
+    encoders = dict.fromkeys(REMOTE, remote)
+    encoders["oct"] = {"backend": "triton", "url": f"127.0.0.1:{free_port()}", "timeout_s": 2}
+    config = serve_config(
+        work / "serve_config.yaml", server.bundle, encoders, transport="ray", deployed={OWN}
+    )
+    with running_server(work, config) as (url, _, _):
+        yield url
 
 
 def _embedding(response) -> np.ndarray:
@@ -28,7 +49,7 @@ def test_triton_backend_embeddings_equal_in_process_ones(server, remote_server):
 
     folder = server.patients[1]
     with server.client() as local, MultiMedClient(remote_server, token=server.token) as remote:
-        for m in REMOTE:
+        for m in (*REMOTE, OWN):
             value = folder / FILES[m]
             if m == "text":
                 value = value.read_text()

@@ -51,8 +51,9 @@ def xray_bound_bundle(source: Path, out: Path) -> Path:
 
 def autoscaling_config(path: Path, bundle: Path) -> Path:
     """The system tier's serve config with the X-ray encoder autoscaled from one replica, and
-    the embedding cache off, so that repeated inputs reach the encoder every time."""
-    serve_config(path, bundle)
+    the embedding cache off, so that repeated inputs reach the encoder every time; the other
+    encoders run in the router (only X-ray is loaded)."""
+    serve_config(path, bundle, deployed={"xray"})
     config = yaml.safe_load(path.read_text())
     app = config["applications"][0]
     app["args"]["cache_entries"] = 0

@@ -1,22 +1,19 @@
 """Bombs and huge requests against the real server: every bomb class is refused with
 INVALID_ARGUMENT naming its limit, and the server's memory afterwards is back within 10 % of
-before; health answers within 100 ms while huge requests are read."""
+before; health keeps answering while huge requests are read (bench/reliability.py records how
+fast)."""
 
 from __future__ import annotations
 
-import struct
-import threading
 import time
 
 import grpc
 import pytest
 from bombs import deflate_bomb, resample_bomb
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from load import SCRNA_TASK, XRAY_TASK
+from scenarios import SERVING, health_during_huge_requests, huge_bodies
 from servers import rss_bytes, session_processes
-from tritonclient.grpc import service_pb2 as oip
 
-from multimed.client.sdk import predict_request
 from multimed.models.catalog import InputForm
 from multimed.models.inputs import RawInput
 
@@ -70,59 +67,15 @@ def test_refused_bombs_leave_the_servers_memory_where_it_was(server):
     assert after < before * 1.10
 
 
-def _huge_bodies() -> list[tuple[str, bytes, grpc.StatusCode]]:
-    """(method, body, refused with): bodies near the tests' 4 MB message limit that are costly
-    to parse (the BYTES one is refused by item admission: 900,000 items at once)."""
-    counts = RawInput("scrna", F.GENE_COUNTS, {f"G{i}": 1.0 for i in range(200_000)})
-    predict = predict_request(SCRNA_TASK, {"scrna": counts}).SerializeToString()
-    infer = oip.ModelInferRequest(model_name="encoder_text")
-    infer.inputs.add(name="text_text", datatype="BYTES", shape=[900_000])
-    infer.raw_input_contents.append(struct.pack("<I", 0) * 900_000)  # 900,000 empty strings
-    parameters = oip.ModelInferRequest(model_name="encoder_text")
-    for i in range(200_000):
-        parameters.parameters[f"p{i}"].bool_param = True
-    infer_method = "/inference.GRPCInferenceService/ModelInfer"
-    invalid = grpc.StatusCode.INVALID_ARGUMENT
-    return [
-        ("/multimed.v1.MultiMed/Predict", predict, invalid),
-        (infer_method, infer.SerializeToString(), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (infer_method, parameters.SerializeToString(), invalid),
-    ]
-
-
-def test_health_answers_within_100_ms_while_huge_requests_are_read(server):
-    bodies = _huge_bodies()
-    latencies: list[float] = []
-    done = threading.Event()
-
-    def probe():
-        with grpc.insecure_channel(server.url) as channel:
-            check = health_pb2_grpc.HealthStub(channel).Check
-            check(health_pb2.HealthCheckRequest(), timeout=5)
-            while not done.is_set():
-                started = time.perf_counter()
-                check(health_pb2.HealthCheckRequest(), timeout=5)
-                latencies.append(time.perf_counter() - started)
-                time.sleep(0.01)
-
-    prober = threading.Thread(target=probe)
-    prober.start()
-    metadata = (("authorization", f"Bearer {server.token}"),)
-    options = [("grpc.max_send_message_length", 8 << 20)]
-    try:
-        time.sleep(0.5)
-        with grpc.insecure_channel(server.url, options=options) as channel:
-            for _ in range(3):
-                calls = [
-                    channel.unary_unary(method).future(body, timeout=60, metadata=metadata)
-                    for method, body, _ in bodies
-                ]
-                codes = [c.exception() and c.exception().code() for c in calls]
-                assert codes == [code for _, _, code in bodies], codes
-    finally:
-        done.set()
-        prober.join()
-    worst = max(latencies) * 1000
-    print(f"health during huge requests: {len(latencies)} checks, worst {worst:.0f} ms")
-    assert len(latencies) > 20
-    assert worst < 100
+def test_health_answers_while_huge_requests_are_read(server):
+    """Bodies near the message limit that are costly to parse are read off the listener's event
+    loop, so health keeps answering meanwhile: every check SERVING, at a pace near the one it
+    keeps alone. Pace, not latency: a busy machine slows both phases alike. (Here: 55 checks/s
+    during, 87 alone; with every body parsed on the loop, 14 during, 84 alone.)"""
+    probe = health_during_huge_requests(server)
+    print(probe.line())
+    expected = [code for _, _, code in huge_bodies()]
+    assert probe.huge_codes == [expected] * len(probe.huge_codes), probe.huge_codes
+    assert probe.statuses == {SERVING}, probe.statuses
+    assert len(probe.during_ms) > 20 and probe.pace(during=True) > probe.pace() / 4, probe.line()
+    assert max(probe.during_ms) < 2000, probe.line()

@@ -1,8 +1,8 @@
 """Node loss and a head restart on a three-node Ray cluster on this host (`ray start`, one
 loopback address a node), the application deployed on it by `multimed serve --ray-address`.
 Placement is pinned so each fault hits what it should: the router (and its gateway) on node-1,
-an X-ray replica on every node, scRNA's one replica on the head; the GCS is kept in Ray's own
-storage (RocksDB) so a new head recovers the cluster."""
+an X-ray replica on every node, scRNA's one replica on the head, the other encoders in the
+router; the GCS is kept in Ray's own storage (RocksDB) so a new head recovers the cluster."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from multimed.models.catalog import CATALOG
 
 RECOVERY_S = 60
 SECONDS = 12  # of load, the fault 2 s in
-SECONDS_HEAD = 20  # the head stays down 8 s, then starts anew
+SECONDS_HEAD = 20  # of load, the head down from 2 s in for DOWN_S or more, then started anew
+DOWN_S = 8
+DOWN_LIMIT_S = 30
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -40,7 +42,8 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(cluster: Cluster, bundle, cohort, tmp_path_factory) -> Server:
     work = tmp_path_factory.mktemp("cluster-server")
-    path = serve_config(work / "serve_config.yaml", bundle)
+    # X-ray and scRNA deployed, the encoders the faults hit; the others in the router.
+    path = serve_config(work / "serve_config.yaml", bundle, deployed={"xray", "scrna"})
     config = yaml.safe_load(path.read_text())
     for d in config["applications"][0]["deployments"]:
         if d["name"] == "router":
@@ -54,7 +57,13 @@ def served(cluster: Cluster, bundle, cohort, tmp_path_factory) -> Server:
     )
     path.write_text(yaml.safe_dump(config))
     extra = ("--ray-address", cluster.address)
-    with running_server(work, path, extra=extra, env=cluster.env) as (url, metrics_url, process):
+    # After the head's restart the driver's Ctrl-C (deleting the app) was seen to wait past 90 s;
+    # the cluster is torn down right after, every node's processes killed, so it gets 15.
+    with running_server(work, path, extra=extra, env=cluster.env, stop_s=15) as (
+        url,
+        metrics_url,
+        process,
+    ):
         yield Server(url, metrics_url, bundle, cohort, process)
 
 
@@ -137,15 +146,19 @@ def test_head_restart_with_gcs_fault_tolerance(cluster: Cluster, served: Server)
     cached = inputs(SCRNA_TASK, 1, 33)[0]
     with served.client() as client:
         client.predict(SCRNA_TASK, cached)  # its embedding is now in the router's cache
-    down_s = 8.0
     answered: list[str] = []
+    down: dict[str, float] = {}
     seen = {XRAY_TASK: set(), SCRNA_TASK: set()}  # the tasks' health while the head is down
 
     def restart_head():
         cluster.stop_node(head)
         killed_at = time.monotonic()
         with served.client() as client:
-            while time.monotonic() - killed_at < down_s:  # the head stays down this long
+            # The head stays down DOWN_S, and longer (to DOWN_LIMIT_S) until the gateway has
+            # said scRNA is down: how soon it notices depends on the machine, not the code.
+            while time.monotonic() - killed_at < DOWN_S or (
+                NOT_SERVING not in seen[SCRNA_TASK] and time.monotonic() - killed_at < DOWN_LIMIT_S
+            ):
                 try:
                     client.predict(SCRNA_TASK, cached, timeout=5)
                     answered.append("OK")
@@ -154,6 +167,7 @@ def test_head_restart_with_gcs_fault_tolerance(cluster: Cluster, served: Server)
                 for task, states in seen.items():
                     states.add(health(served.url, f"task/{task}"))
                 time.sleep(0.2)
+        down["s"] = time.monotonic() - killed_at
         cluster.restart(head)
         return killed_at
 
@@ -165,12 +179,13 @@ def test_head_restart_with_gcs_fault_tolerance(cluster: Cluster, served: Server)
     )
     after = asyncio.run(load(served, SCRNA_TASK, inputs(SCRNA_TASK, 20, 34), ClosedLoop(2), 30))
     print(
-        f"head down {down_s:.0f} s: cached calls {Counter(answered)}; health seen {seen}; "
+        f"head down {down['s']:.0f} s: cached calls {Counter(answered)}; health seen {seen}; "
         f"X-ray {codes(xray)} (max {xray.max_ms:.0f} ms), scRNA {codes(scrna)}; every task "
         f"SERVING {recovered:.1f} s and X-ray back on 3 nodes {healed:.1f} s after the kill"
     )
     assert set(answered) == {"OK"}
-    assert seen == {XRAY_TASK: {SERVING}, SCRNA_TASK: {SERVING, NOT_SERVING}}
+    assert seen[XRAY_TASK] == {SERVING}, seen
+    assert NOT_SERVING in seen[SCRNA_TASK] and seen[SCRNA_TASK] <= {SERVING, NOT_SERVING}, seen
     assert codes(xray) == {"OK": 50 * SECONDS_HEAD}
     assert set(codes(scrna)) <= {"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED"}, codes(scrna)
     assert codes(after) == {"OK": 20}

@@ -1,21 +1,28 @@
-"""The default bundle, trained as `make run` trains it, answers the benchmark's questions.
-Slow (~5 min): one training run shared by every assertion here."""
+"""The default bundle's recipe (`make run`'s: every task, every modality, the real data) on a
+smaller budget answers the benchmark's questions: 900 patients and 10 epochs rather than 1500
+and 20, about 2 min on the 2-core machine rather than 10. Every bound below holds at this budget
+and at the default's (docs/results); a model broken in its data, an encoder, fusion,
+calibration or the OOD score fails one. One training run, shared by every assertion here."""
+
+import math
 
 import pytest
 
 from multimed.models.bundle import Bundle
+from multimed.models.config import ModelConfig
 from multimed.models.model import Model
 from multimed.models.report import REAL_SCANS, real_scan_scores
-from multimed.models.train import train_default
+from multimed.models.train import TrainSettings, train
 
-# The shared training run counts against the first test that asks for it: 6.2 min on the 2-core
-# machine when it has the cores to itself, past the suite's 10 min default on a slow one (CI).
+BUDGET = TrainSettings(patients=900, epochs=10)
+# The shared training run counts against the first test that asks for it (2 min alone; a busy
+# machine may take several times as long).
 pytestmark = pytest.mark.timeout(1200)
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Bundle:
-    return train_default(tmp_path_factory.mktemp("default") / "bundle")
+    return train(tmp_path_factory.mktemp("default") / "bundle", BUDGET, ModelConfig())
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +37,18 @@ def test_every_task_beats_its_baseline_clearly(metrics):
     assert real["value"] >= real["baseline"] + 0.3
 
 
-def test_values_sit_in_their_intervals_and_under_the_generators_ceilings(metrics):
-    """No model can beat the oracle that reads the latent state, except by the test split's
-    luck, which the interval bounds."""
+def test_intervals_are_the_test_splits_and_under_the_generators_ceilings(metrics):
+    """Each accuracy's bootstrap interval is as wide as n test items make it (the binomial's
+    3.92 standard errors, within sampling noise): an interval over the wrong items, too few
+    resamples or none shows here. No model beats the oracle that reads the latent state, except
+    by the test split's luck, which the interval bounds."""
     for task, row in metrics["tasks"].items():
         lo, hi = row["interval"]
-        assert lo <= row["value"] <= hi and hi - lo < 0.2, (task, row)
+        if row["metric"] == "accuracy":
+            v, n = row["value"], row["n"]
+            expected = 2 * 1.96 * math.sqrt(v * (1 - v) / n)
+            assert 0.6 * expected < hi - lo < 1.5 * expected, (task, row, expected)
+        assert lo < row["value"] < hi and hi - lo < 0.2, (task, row)
         if row["ceiling"] is not None:
             assert lo <= row["ceiling"], (task, row)
 
@@ -62,12 +75,12 @@ def test_vqa_needs_question_and_image(metrics):
 
 def test_calibration_helps_on_the_test_split(metrics):
     """Temperatures fitted on validation: NLL on test never clearly worse, and ECE lower overall
-    (the overconfident tasks, bone age and retinopathy, by far)."""
+    (a fifth lower at least: 0.081 -> 0.056 at this budget, 0.098 -> 0.054 at the default's)."""
     rows = metrics["calibration"]
     for task, row in rows.items():
         assert row["after"]["nll"] <= row["before"]["nll"] + 0.02, (task, row)
     mean = {k: sum(r[k]["ece"] for r in rows.values()) / len(rows) for k in ("before", "after")}
-    assert mean["after"] < 0.7 * mean["before"], mean
+    assert mean["after"] < 0.8 * mean["before"], mean
 
 
 def test_ood_flag_spares_most_held_out_patients(metrics):
@@ -77,8 +90,10 @@ def test_ood_flag_spares_most_held_out_patients(metrics):
 
 
 def test_real_clinical_dicom_is_flagged(bundle):
-    """Every real CT and MR scan pydicom ships: the models were trained on phantoms only."""
+    """Every real CT and MR scan pydicom ships: the models were trained on phantoms only. They
+    score 45-268 times their threshold at this budget (39-211 at the default's): a flag that
+    has lost half its reach fails, not only one that no longer fires."""
     scans = real_scan_scores(Model.from_bundle(bundle))
     assert len(scans) == sum(len(f) for f in REAL_SCANS.values())
     for scan in scans:
-        assert scan.get("flagged") and scan["score"] > 3 * scan["threshold"], scan
+        assert scan.get("flagged") and scan["score"] > 20 * scan["threshold"], scan

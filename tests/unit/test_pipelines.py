@@ -1,8 +1,11 @@
 """Every registered modality, through the one contract: wire -> decode -> preprocess -> encode."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from multimed.models.catalog import CATALOG, InputForm
 from multimed.models.cohort.synthetic import generate_cohort
@@ -27,9 +30,43 @@ def pipeline(request):
     return build_pipeline(request.param, CONFIG).setup("cpu")
 
 
-def test_construction_is_cheap():
-    for modality in PIPELINES:
-        assert build_pipeline(modality, CONFIG).encoder is None
+@pytest.fixture
+def work(monkeypatch) -> Counter[str]:
+    """Counts the slow work a pipeline can do: torch modules constructed (its encoder, a
+    backbone), and Hugging Face loads (the backbone, its tokenizer, its config), by class."""
+    import transformers
+
+    seen: Counter[str] = Counter()
+    module_init = nn.Module.__init__
+
+    def counted_init(self, *args, **kwargs):
+        seen["modules"] += 1
+        module_init(self, *args, **kwargs)
+
+    def counted_load(auto):
+        load = auto.from_pretrained
+
+        def from_pretrained(*args, **kwargs):
+            seen[auto.__name__] += 1
+            return load(*args, **kwargs)
+
+        return from_pretrained
+
+    monkeypatch.setattr(nn.Module, "__init__", counted_init)
+    for auto in (transformers.AutoConfig, transformers.AutoModel, transformers.AutoTokenizer):
+        monkeypatch.setattr(auto, "from_pretrained", counted_load(auto))
+    return seen
+
+
+@pytest.mark.parametrize("modality", sorted(PIPELINES))
+def test_construction_is_cheap(modality, work):
+    """Constructing a pipeline builds no torch module and loads nothing from Hugging Face;
+    setup does both (the text pipeline's frozen backbone), which shows the count sees them."""
+    pipeline = build_pipeline(modality, CONFIG)
+    assert not work, work
+    pipeline.setup("cpu")
+    assert work["modules"] > 0
+    assert (work["AutoModel"] > 0) == (modality == "text"), work
 
 
 def test_wire_round_trip_matches_decoded(pipeline, patients):

@@ -1,35 +1,68 @@
 """The report's summaries over seeds: intervals that cover the truth, paired differences."""
 
+import math
+
 import torch
 
+from multimed.models.catalog import CATALOG
+from multimed.models.evaluate import interval
+from multimed.models.outputs import output_of
 from multimed.models.report import Scored, summarise
 
+TASK = "breast_cancer_classification"
 
-def _runs(accuracy: float, n: int = 400, seeds: int = 3, flip_seed: int = 0) -> list[Scored]:
-    """Seeds of a 2-class model right on `accuracy` of n items (which ones: by flip_seed)."""
+
+def _runs(accuracies, n: int = 400, flip_seed: int = 0) -> list[Scored]:
+    """One seed per accuracy: a 2-class model right on exactly that share of n items (which
+    ones: by flip_seed)."""
     out = []
-    for s in range(seeds):
+    for s, accuracy in enumerate(accuracies):
         gen = torch.Generator().manual_seed(100 * s + flip_seed)
         target = torch.randint(2, (n,), generator=gen)
-        right = torch.rand(n, generator=gen) < accuracy
+        right = torch.randperm(n, generator=gen) < round(accuracy * n)
         predicted = torch.where(right, target, 1 - target)
-        out.append(Scored("breast_cancer_classification", torch.eye(2)[predicted], target))
+        out.append(Scored(TASK, torch.eye(2)[predicted], target))
     return out
 
 
-def test_the_interval_covers_the_true_accuracy_and_narrows_with_items():
-    small, large = summarise(_runs(0.8, n=100)), summarise(_runs(0.8, n=1600))
-    for row in (small, large):
+def _binomial_width(accuracies, n: int) -> float:
+    """The normal 95 % interval's width for the mean of these seeds' accuracies on n items."""
+    variance = sum(p * (1 - p) / n for p in accuracies) / len(accuracies) ** 2
+    return 2 * 1.96 * math.sqrt(variance)
+
+
+def test_each_seed_is_reported_and_the_interval_is_of_their_mean():
+    """Seeds of different accuracy: each is reported as itself, the mean is theirs, and the
+    interval, bootstrapped over every seed's items, is around their mean (not one seed's) with
+    the width sampling gives it, so it narrows as items grow."""
+    truths = (0.7, 0.8, 0.9)
+    widths = {}
+    for n in (100, 1600):
+        row = summarise(_runs(truths, n))
+        assert row["seeds"] == list(truths) and row["mean"] == 0.8
         lo, hi = row["interval"]
-        assert lo < 0.8 < hi and lo <= row["mean"] <= hi and len(row["seeds"]) == 3
-    width = {k: r["interval"][1] - r["interval"][0] for k, r in (("s", small), ("l", large))}
-    assert width["l"] < width["s"] / 2.5  # ~1/sqrt(16)
+        assert 0.7 < lo < 0.8 < hi < 0.9, (n, row)
+        widths[n] = hi - lo
+        assert 0.7 < widths[n] / _binomial_width(truths, n) < 1.3, (n, row)
+    assert widths[1600] < widths[100] / 2.5  # ~1/sqrt(16)
+
+
+def test_one_models_interval_has_the_binomial_width():
+    """A single model's bootstrap interval (evaluate.interval) around its accuracy p on n items
+    is about 2 * 1.96 * sqrt(p (1 - p) / n) wide, whatever the items."""
+    output = output_of(CATALOG.task(TASK))
+    for flip_seed in range(3):
+        for n in (100, 1600):
+            (run,) = _runs((0.8,), n, flip_seed)
+            lo, hi = interval(output, run.raw, run.target)
+            assert lo < 0.8 < hi, (n, lo, hi)
+            assert 0.75 < (hi - lo) / _binomial_width((0.8,), n) < 1.25, (n, lo, hi)
 
 
 def test_a_paired_difference_sees_what_two_unpaired_intervals_cannot():
     """The same items scored by two models, one right on 1 % more of them: the paired interval
     excludes 0 though each model's own intervals overlap."""
-    a = _runs(0.80, n=2000)
+    a = _runs((0.8, 0.8, 0.8), n=2000)
     b = []
     for run in a:
         predicted = run.raw.argmax(-1).clone()
