@@ -8,8 +8,8 @@ BUNDLE ?= artifacts/default-bundle
 # them. (Servers set their own, which give memory back: see REPLICA_ENV in services/server.py.)
 TRAIN_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824
 
-.PHONY: install run test test-unit test-integration test-system test-training test-bundle lint \
-	bundle clean
+.PHONY: install run test test-unit test-integration test-system test-training test-bundle \
+	test-servers test-training-beside lint bundle clean
 
 PROTOS := $(wildcard protos/multimed/v1/*.proto)
 STUBS := multimed/v1/multimed_pb2.py
@@ -48,13 +48,25 @@ run: install bundle
 	$(BIN)/multimed serve --config deploy/serve_config.yaml --bundle $(BUNDLE)
 
 # The suite in tiers, each its own pytest session so that a tier's servers stop with it
-# (docs/testing.md says what each covers). First the tiers that start no server, beside the
-# server tiers' bundle: pytest keeps about one core busy, so they share the two well; then the
-# server tiers. `make test` stops after the first step with a failing tier.
+# (docs/testing.md says what each covers). The unit tier first, beside the server tiers' bundle
+# (pytest keeps one core busy); then the server tiers, with the training tier beside them: they
+# leave about a third of the two cores idle, waiting on recoveries, scale-downs and peers. A
+# failing step stops `make test`.
 PYTEST := $(BIN)/python -m pytest
 test: install
-	$(MAKE) --no-print-directory -j3 --output-sync=target test-unit test-training test-bundle
-	$(MAKE) --no-print-directory test-integration test-system
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-unit test-bundle
+	$(MAKE) --no-print-directory -j2 test-servers test-training-beside
+
+test-servers: install test-bundle
+	$(MAKE) --no-print-directory test-integration
+	$(MAKE) --no-print-directory test-system
+
+# Its output is kept whole: printed when it ends, not mixed into the server tiers'.
+test-training-beside: install
+	@mkdir -p artifacts
+	@echo "training tier running beside the server tiers (artifacts/test-training.log)"
+	@$(MAKE) --no-print-directory test-training > artifacts/test-training.log 2>&1; \
+		status=$$?; cat artifacts/test-training.log; exit $$status
 
 test-unit: install
 	$(PYTEST) tests/unit
