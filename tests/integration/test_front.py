@@ -71,7 +71,7 @@ async def _codes(calls) -> collections.Counter:
 def test_past_max_calls_refused_at_once_while_health_answers():
     async def run():
         async with (
-            fronted(hold_s=1.0, max_calls=4) as port,
+            fronted(hold_s=3.0, max_calls=4) as port,
             grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
         ):
             calls = [_slow(channel)(Request(), timeout=10) for _ in range(4)]
@@ -89,7 +89,7 @@ def test_past_max_calls_refused_at_once_while_health_answers():
     refused, refused_ms = asyncio.run(run())
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "overloaded" in refused.value.details()
-    assert refused_ms < 500  # not after the held calls (1 s)
+    assert refused_ms < 1500  # at once, not when the held calls end (3 s)
 
 
 def test_refused_bodies_do_not_close_the_connection():

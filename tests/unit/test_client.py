@@ -30,7 +30,8 @@ def test_client_imports_neither_torch_nor_ray_and_loads_fast():
         for _ in range(3)
     ]
     assert not any(r["torch"] or r["ray"] for r in runs), runs
-    assert min(r["s"] for r in runs) < 1.0, runs
+    # ~0.3 s here; torch alone takes seconds. Generous: a busy machine slows any import.
+    assert min(r["s"] for r in runs) < 3.0, runs
 
 
 def test_token_file_names_each_client_system(tmp_path, monkeypatch):
