@@ -29,11 +29,16 @@ import scenarios  # noqa: E402
 from servers import Server, running_server, serve_config  # noqa: E402
 
 
+def _sorted(values: set) -> list:
+    """A set of health statuses (None where a check failed) as a JSON list."""
+    return sorted(values, key=str)
+
+
 def _record(figures: dict, name: str, result, line: str) -> None:
     if hasattr(result, "figures"):
         figures[name] = result.figures()
     elif dataclasses.is_dataclass(result):
-        figures[name] = json.loads(json.dumps(dataclasses.asdict(result), default=sorted))
+        figures[name] = json.loads(json.dumps(dataclasses.asdict(result), default=_sorted))
     else:
         figures[name] = result
     print(line, flush=True)
